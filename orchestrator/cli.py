@@ -1,0 +1,146 @@
+"""The `orchestrate` command line: a thin layer over the pipeline modules."""
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import build as build_mod
+from . import patches as patches_mod
+from . import paths, upstream
+from .errors import OrchestrateError
+
+
+def friendly(fn):
+    """Turn OrchestrateError into a one-line error and exit code 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OrchestrateError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="orchestrate")
+def main():
+    """Manage a patched llama.cpp fork for quantization research."""
+
+
+@main.command()
+@click.option("-j", "--jobs", type=int, default=None, help="Parallel compile jobs (default: all cores).")
+@friendly
+def build(jobs):
+    """Fetch the pinned llama.cpp, apply patches/, compile the fork."""
+    fork = build_mod.build(jobs=jobs)
+    click.echo(fork.build_dir / "bin")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly
+def info(as_json):
+    """Where the binaries are, the upstream version and the applied patches."""
+    fork = build_mod.current()
+    data = {
+        "fork_id": fork.id,
+        "build_dir": str(fork.build_dir),
+        "binaries": {t: str(fork.binary(t)) for t in build_mod.TARGETS},
+        "upstream": fork.stamp["pin"],
+        "patches": fork.stamp["applied"],
+        "uncommitted_edits": fork.stamp["uncommitted"] is not None,
+        "cmake_options": fork.stamp["cmake_options"],
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"fork       {data['fork_id']}{'  (with uncommitted edits)' if data['uncommitted_edits'] else ''}")
+    click.echo(f"upstream   {data['upstream']}")
+    for t, p in data["binaries"].items():
+        click.echo(f"{t:<11}{p}")
+    click.echo("patches    " + ("\n           ".join(data["patches"]) or "(none)"))
+
+
+@main.group()
+def patches():
+    """Manage the patch series in patches/ over vendor/llama.cpp."""
+
+
+def _vendor_repo():
+    return upstream.ensure_vendor(upstream.load_pin())
+
+
+@patches.command("list")
+@friendly
+def patches_list():
+    """The series, in order, with each patch's subject."""
+    for i, p in enumerate(patches_mod.read_series(paths.patches_dir()), 1):
+        click.echo(f"{i:2d}. {p.name}  {p.subject}")
+
+
+@patches.command("status")
+@friendly
+def patches_status():
+    """Which patches are applied, and any edits in vendor/ that no patch holds."""
+    st = patches_mod.status(_vendor_repo(), paths.patches_dir())
+    for p, state in st.patches:
+        click.echo(f"{state:<22}{p.name}")
+    for c in st.foreign:
+        click.echo(f"{'drifted: commit':<22}{c}")
+    for d in st.dirty:
+        click.echo(f"{'drifted: uncommitted':<22}{d}")
+    if st.drifted:
+        click.echo(f"vendor/llama.cpp has edits no patch holds; {patches_mod.KEEP_OR_DROP}")
+
+
+@patches.command("apply")
+@friendly
+def patches_apply():
+    """Apply the whole series in order, each patch a commit on top of upstream."""
+    done = patches_mod.apply_series(_vendor_repo(), paths.patches_dir())
+    click.echo(f"applied: {', '.join(done)}" if done else "series already applied")
+
+
+@patches.command("unapply")
+@click.option("--discard", is_flag=True, help="Also throw away edits in vendor/ that no patch holds.")
+@friendly
+def patches_unapply(discard):
+    """Return vendor/llama.cpp to the pristine upstream."""
+    patches_mod.unapply(_vendor_repo(), paths.patches_dir(), discard=discard)
+    click.echo("vendor/llama.cpp is pristine upstream")
+
+
+@patches.command("export")
+@friendly
+def patches_export():
+    """Write the commits in vendor/llama.cpp back into patches/ (how a patch is edited)."""
+    names = patches_mod.export(_vendor_repo(), paths.patches_dir())
+    click.echo(f"exported {len(names)} patch(es) to {paths.patches_dir()}")
+
+
+@patches.command("check")
+@click.option("--sdist-version", help="Check against another llama-cpp-python sdist version.")
+@click.option("--sha256", help="sha256 of that sdist (without it the download is not verified).")
+@click.option("--git-url", help="Check against a git repository ...")
+@click.option("--commit", help="... at this commit.")
+@friendly
+def patches_check(sdist_version, sha256, git_url, commit):
+    """Dry run: does the whole series apply to the pinned upstream (or another one)?"""
+    if sdist_version and git_url:
+        raise OrchestrateError("give either --sdist-version or --git-url, not both")
+    if sdist_version:
+        pin = upstream.sdist_pin(sdist_version, sha256)
+        if not sha256:
+            click.echo("note: no --sha256 given, the download is not verified", err=True)
+    elif git_url:
+        if not commit:
+            raise OrchestrateError("--git-url needs --commit")
+        pin = upstream.Pin("git", url=git_url, commit=commit)
+    else:
+        pin = upstream.load_pin()
+    names = patches_mod.check(paths.patches_dir(), pin, vendor=paths.vendor_dir())
+    click.echo(f"all {len(names)} patch(es) apply to {pin.ident()}")
