@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import patches, paths, upstream
 from .errors import OrchestrateError
+from .runner import Progress, run_logged
 
 TARGETS = ["llama-quantize", "llama-perplexity"]  # the shared libraries come with them
 CMAKE_OPTIONS = [
@@ -74,32 +75,24 @@ def inputs_stamp(repo, pin: upstream.Pin, opts: list[str]) -> dict:
     return stamp
 
 
-def _progress(line: str) -> str | None:
+def _percent(line: str) -> int | None:
     m = re.match(r"\[\s*(\d+)/(\d+)\]", line)  # ninja
     if m:
-        return f"{100 * int(m.group(1)) // int(m.group(2))}%"
+        return 100 * int(m.group(1)) // int(m.group(2))
     m = re.match(r"\[\s*(\d+)%\]", line)  # make
-    return f"{m.group(1)}%" if m else None
+    return int(m.group(1)) if m else None
 
 
-def _run_logged(cmd: list[str], log, what: str, show_progress: bool) -> None:
-    log.write(f"$ {' '.join(cmd)}\n")
-    log.flush()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-    last, tty = None, sys.stderr.isatty()
-    for line in proc.stdout:
-        log.write(line)
-        pct = _progress(line) if show_progress else None
-        if pct and pct != last:
-            last = pct
-            if tty:
-                print(f"\r{what}: {pct:>4}", end="", file=sys.stderr, flush=True)
-            elif pct.rstrip("%").isdigit() and int(pct.rstrip("%")) % 10 == 0:
-                print(f"{what}: {pct}", file=sys.stderr, flush=True)
-    if tty and last:
-        print(file=sys.stderr)
-    if proc.wait() != 0:
-        raise subprocess.CalledProcessError(proc.returncode, cmd)
+def _run(cmd: list[str], log, what: str, progress: Progress | None) -> None:
+    def on_line(line):
+        pct = _percent(line)
+        if progress and pct is not None:
+            progress.show(f"{what}: {pct:3d}%")
+    rc, _ = run_logged(cmd, log, on_line)
+    if progress:
+        progress.done()
+    if rc != 0:
+        raise subprocess.CalledProcessError(rc, cmd)
 
 
 def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool = False) -> Fork:
@@ -135,9 +128,9 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         try:
-            _run_logged(["cmake", "-S", str(repo.working_dir), "-B", str(bdir), *opts], log, "configure", False)
-            _run_logged(["cmake", "--build", str(bdir), "--parallel", str(jobs), "--target", *TARGETS],
-                        log, "build", not quiet)
+            _run(["cmake", "-S", str(repo.working_dir), "-B", str(bdir), *opts], log, "configure", None)
+            _run(["cmake", "--build", str(bdir), "--parallel", str(jobs), "--target", *TARGETS],
+                 log, "build", None if quiet else Progress())
         except subprocess.CalledProcessError:
             log.flush()
             tail = log_path.read_text(errors="replace").splitlines()[-15:]

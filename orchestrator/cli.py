@@ -144,3 +144,49 @@ def patches_check(sdist_version, sha256, git_url, commit):
         pin = upstream.load_pin()
     names = patches_mod.check(paths.patches_dir(), pin, vendor=paths.vendor_dir())
     click.echo(f"all {len(names)} patch(es) apply to {pin.ident()}")
+
+
+@main.group()
+def conf():
+    """pablo.conf hook configuration files."""
+
+
+@conf.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@friendly
+def conf_check(files):
+    """Validate configuration files with the same rules as the fork's reader."""
+    from .conf import parse_conf
+    for f in files:
+        c = parse_conf(f)
+        table = c.table.name if c.table else "off"
+        click.echo(f"{f}: ok (MODE={c.mode} Q4_0_RADIUS={c.radius} TABLE_MODE={table}"
+                   f" HIST_OUT={c.hist_out or '(none)'})")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("qtype", metavar="TYPE")
+@click.option("--mode", type=click.Choice(["simple", "pablo"]), default=None,
+              help="simple: stock values; pablo: the experiments (default: pablo when --radius/--table is given).")
+@click.option("--radius", type=click.IntRange(0, 7), default=0, help="Q4_0 zero radius (pablo mode).")
+@click.option("--table", default=None, help="Q8_0 translation table: a name in conf/tables or a .table file.")
+@click.option("--hist", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the value and zero-run histograms (JSON) here.")
+@click.option("--threads", type=int, default=None, help="llama-quantize threads (default: all cores).")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+@friendly
+def quantize(base, out, qtype, mode, radius, table, hist, threads, extra):
+    """Quantize BASE to OUT as TYPE with the fork's hooks. Extra llama-quantize
+    arguments go after `--`."""
+    from .conf import table_arg
+    from .quantize import prepare_base, run_quantize
+    pablo = mode == "pablo" or (mode is None and (radius > 0 or table is not None))
+    tbl = table_arg(table) if table else None
+    fork = build_mod.current()
+    b = prepare_base(base, fork)
+    res = run_quantize(fork, b.path, out, qtype, pablo=pablo, radius=radius, table=tbl, hist=hist,
+                       threads=threads, extra=list(extra))
+    size = f"{res['quant_mib']:.2f} MiB" + (f" ({res['quant_bpw']:.2f} BPW)" if "quant_bpw" in res else "")
+    click.echo(f"wrote {out}: {size} in {res['seconds']:.1f} s" + (f"; histograms: {hist}" if hist else ""))

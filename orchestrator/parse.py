@@ -1,0 +1,84 @@
+"""Parse what llama-quantize and llama-perplexity print (stdout and stderr merged).
+
+Formats drift between llama.cpp versions (log prefixes with timestamps, the BPW suffix,
+the KL-divergence table instead of "Final estimate"), so each figure is looked for by a
+pattern that tolerates those differences. A missing final estimate is an error, never 0.
+"""
+
+import math
+import re
+
+from .errors import OrchestrateError
+
+NUM = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf|-nan|-inf))"
+PM = r"\s*(?:±|\+/-)\s*"
+
+
+class ParseError(OrchestrateError):
+    pass
+
+
+def _f(s: str) -> float:
+    return float(s.replace("-nan", "nan"))
+
+
+def _value_pm(text: str, label: str) -> tuple[float, float] | None:
+    m = re.search(re.escape(label) + r"\s*:\s*" + NUM + PM + NUM, text)
+    return (_f(m.group(1)), _f(m.group(2))) if m else None
+
+
+def parse_perplexity(text: str) -> dict:
+    """The final perplexity ± error, the per-chunk running series, and KLD statistics if any."""
+    out: dict = {}
+    m = re.search(r"Final estimate: PPL = " + NUM + PM + NUM, text)
+    if m:
+        out["ppl"], out["ppl_err"] = _f(m.group(1)), _f(m.group(2))
+    else:
+        pm = _value_pm(text, "Mean PPL(Q)")  # --kl-divergence prints this instead
+        if pm is None:
+            raise ParseError("llama-perplexity printed no final estimate (too little text for one chunk, "
+                             "or the run was cut short)")
+        out["ppl"], out["ppl_err"] = pm
+    if not math.isfinite(out["ppl"]):
+        raise ParseError(f"llama-perplexity's final estimate is not finite ({out['ppl']})")
+
+    chunks = [(int(i), _f(v)) for i, v in re.findall(r"\[(\d+)\]" + NUM + r",", text)]
+    if not chunks:  # KL-divergence table rows: "   3     43.87 ±   3.07  ..."
+        chunks = [(int(i), _f(v)) for i, v, _ in re.findall(r"(?m)^\s*(\d+)\s+" + NUM + PM + NUM, text)]
+    out["chunks"] = [v for _, v in sorted(dict(chunks).items())]
+
+    kld = _value_pm(text, "Mean    KLD") or _value_pm(text, "Mean KLD")
+    if kld:
+        out["kld"], out["kld_err"] = kld
+        same = re.search(r"Same top p\s*:\s*" + NUM + PM + NUM + r"\s*%", text)
+        if same:
+            out["same_top"], out["same_top_err"] = _f(same.group(1)), _f(same.group(2))
+        rms = re.search(r"RMS Δp\s*:\s*" + NUM + PM + NUM + r"\s*%", text)
+        if rms:
+            out["rms_dp"], out["rms_dp_err"] = _f(rms.group(1)), _f(rms.group(2))
+    return out
+
+
+def parse_quantize(text: str) -> dict:
+    """Sizes before/after (MiB, and bits per weight when printed) and per-tensor target types."""
+    out: dict = {}
+    for key, label in (("model", "model size"), ("quant", "quant size")):
+        m = re.search(label + r"\s*=\s*" + NUM + r"\s*MiB(?:\s*\(\s*" + NUM + r"\s*BPW\))?", text)
+        if m:
+            out[f"{key}_mib"] = _f(m.group(1))
+            if m.group(2):
+                out[f"{key}_bpw"] = _f(m.group(2))
+    if "quant_mib" not in out:
+        raise ParseError("llama-quantize printed no quant size (it did not finish)")
+    tensors = {}
+    for name, typ, new in re.findall(
+            r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type =\s*(\w+),\s*(?:converting to (\w+))?", text):
+        tensors[name] = new or typ
+    out["tensor_types"] = tensors
+    return out
+
+
+def quantize_progress(line: str) -> tuple[int, int] | None:
+    """(done, total) from a llama-quantize tensor line, for a progress display."""
+    m = re.search(r"\[\s*(\d+)/\s*(\d+)\]", line)
+    return (int(m.group(1)), int(m.group(2))) if m else None

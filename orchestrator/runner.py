@@ -1,0 +1,62 @@
+"""Run a llama.cpp tool with stdout and stderr merged into a log file, line by line."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+LLAMA_ENV_DROP = ("PABLO_CONF",)
+
+
+def run_logged(cmd: list[str], log, on_line: Callable[[str], None] | None = None,
+               env: dict | None = None, cwd: Path | None = None) -> tuple[int, float]:
+    """Run cmd, writing its merged output to the open file `log`; return (exit code, seconds)."""
+    log.write(f"$ {' '.join(map(str, cmd))}\n")
+    log.flush()
+    t0 = time.monotonic()
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", env=env, cwd=cwd)
+    try:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()  # a log that is watched (or left by a killed run) is up to date
+            if on_line:
+                on_line(line)
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    log.flush()
+    return rc, time.monotonic() - t0
+
+
+def clean_env(extra: dict | None = None) -> dict:
+    """The environment for a llama.cpp tool: ours decides the hook configuration, not the caller's."""
+    env = {k: v for k, v in os.environ.items() if k not in LLAMA_ENV_DROP}
+    env.update(extra or {})
+    return env
+
+
+class Progress:
+    """One status line: rewritten in place on a terminal, printed at most every few seconds otherwise."""
+
+    def __init__(self, stream=sys.stderr, every: float = 10.0):
+        self.stream, self.every, self.last = stream, every, 0.0
+        self.tty = stream.isatty()
+
+    def show(self, text: str, force: bool = False) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+            self.stream.flush()
+        elif force or time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            print(text, file=self.stream, flush=True)
+
+    def done(self, text: str = "") -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        if text:
+            print(text, file=self.stream, flush=True)

@@ -1,0 +1,73 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def git(cwd, *args):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}).stdout.strip()
+
+
+def orchestrate(*args, env=None, cwd=None, check=False):
+    """Run the real CLI in a subprocess (as a user would)."""
+    res = subprocess.run([sys.executable, "-m", "orchestrator", *map(str, args)], capture_output=True,
+                         text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+    if check and res.returncode != 0:
+        raise AssertionError(f"orchestrate {args} failed:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+@pytest.fixture
+def tiny_project(tmp_path, monkeypatch):
+    """A project whose upstream is a small local git repository (fast tests of the series)."""
+    up = tmp_path / "upstream"
+    up.mkdir()
+    git(up, "init", "-q")
+    (up / "a.c").write_text("".join(f"int a{i} = {i};\n" for i in range(20)))
+    (up / "b.c").write_text("".join(f"int b{i} = {i};\n" for i in range(20)))
+    git(up, "add", "-A")
+    git(up, "commit", "-qm", "v1")
+    v1 = git(up, "rev-parse", "HEAD")
+    # a later upstream version that rewrites b.c (so a patch to b.c no longer applies)
+    (up / "b.c").write_text("".join(f"long b{i} = {i * 10};\n" for i in range(20)))
+    git(up, "commit", "-qam", "v2")
+    v2 = git(up, "rev-parse", "HEAD")
+
+    proj = tmp_path / "proj"
+    (proj / "conf").mkdir(parents=True)
+    (proj / "patches").mkdir()
+    (proj / "patches" / "series").write_text("")
+    (proj / "conf" / "upstream.yaml").write_text(f"source: git\ngit:\n  url: {up}\n  commit: {v1}\n")
+    monkeypatch.setenv("ORCHESTRATE_HOME", str(proj))
+    monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))
+    return {"proj": proj, "upstream": up, "v1": v1, "v2": v2, "vendor": proj / "vendor" / "llama.cpp"}
+
+
+@pytest.fixture(scope="session")
+def fork():
+    """The real patched fork, built by `orchestrate build` (cached by its stamp and ccache)."""
+    from orchestrator import build
+    res = orchestrate("build")
+    assert res.returncode == 0, res.stdout + res.stderr
+    return build.current()
+
+
+@pytest.fixture(scope="session")
+def demo_base(fork):
+    """The demo model's F16 base (an upcast of its Q4_1 weights), made once and cached."""
+    from orchestrator import assets, quantize
+    base = quantize.prepare_base(assets.demo_model(), fork)
+    assert base.upcast_from == "Q4_1"
+    return base.path
+
+
+@pytest.fixture(scope="session")
+def demo_text():
+    from orchestrator import assets
+    return assets.demo_text()

@@ -1,0 +1,50 @@
+"""The real thing: the pinned sdist, the real series, a real build, the built binaries."""
+
+import json
+import subprocess
+
+from conftest import orchestrate
+from orchestrator import build, paths
+
+
+def test_built_binaries_run_and_are_the_fork(fork):
+    res = subprocess.run([fork.binary("llama-perplexity"), "--version"], capture_output=True, text=True)
+    assert res.returncode == 0
+    out = res.stdout + res.stderr
+    assert "fork: orchestrate" in out
+    res = subprocess.run([fork.binary("llama-quantize"), "--help"], capture_output=True, text=True)
+    assert "usage:" in res.stdout + res.stderr and "model-f32.gguf" in res.stdout + res.stderr
+
+
+def test_info_lists_binaries_upstream_and_patches(fork):
+    data = json.loads(orchestrate("info", "--json", check=True).stdout)
+    assert data["upstream"].startswith("llama-cpp-python==0.3.36 sha256:832db069")
+    series = (paths.patches_dir() / "series").read_text().split()
+    assert data["patches"] == series and len(series) >= 1
+    for t in build.TARGETS:
+        assert data["binaries"][t].endswith(f"bin/{t}")
+    text = orchestrate("info", check=True).stdout
+    assert "upstream" in text and series[0] in text
+
+
+def test_second_build_does_no_compile_work(fork):
+    log = fork.build_dir / build.LOG
+    before = log.stat().st_mtime_ns
+    res = orchestrate("build", check=True)
+    assert "up to date" in res.stderr
+    assert log.stat().st_mtime_ns == before  # neither cmake step ran
+    # and the build system agrees there was nothing left to do
+    tool = ["ninja", "-C", str(fork.build_dir), "-n"] if (fork.build_dir / "build.ninja").exists() else \
+        ["make", "-C", str(fork.build_dir), "-q"]
+    res = subprocess.run(tool + build.TARGETS, capture_output=True, text=True)
+    if tool[0] == "ninja":
+        assert "no work to do" in res.stdout
+    else:
+        assert res.returncode == 0
+
+
+def test_patch_series_applies_to_pinned_upstream(fork):
+    res = orchestrate("patches", "check", check=True)
+    assert "apply to llama-cpp-python==0.3.36" in res.stdout
+    st = orchestrate("patches", "status", check=True).stdout
+    assert "not applied" not in st and "drifted" not in st
