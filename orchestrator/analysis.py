@@ -97,3 +97,11 @@ def tensor_hist(t, codes_of=None) -> Hist:
         values += np.bincount(idx, minlength=nbins)
         runs += zero_runs(vals, row_length(t))
     return Hist(values, runs, bin_min)
+
+
+def model_stats(path: Path) -> dict:
+    """Tensor elements, tensor data bytes and bits per weight of a GGUF file."""
+    reader = open_model(path)
+    elements = sum(int(t.n_elements) for t in reader.tensors)
+    nbytes = sum(int(t.n_bytes) for t in reader.tensors)
+    return {"elements": elements, "tensor_bytes": nbytes, "bpw": 8 * nbytes / elements if elements else None}

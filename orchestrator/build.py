@@ -88,7 +88,9 @@ def _run(cmd: list[str], log, what: str, progress: Progress | None) -> None:
         pct = _percent(line)
         if progress and pct is not None:
             progress.show(f"{what}: {pct:3d}%")
-    rc, _ = run_logged(cmd, log, on_line)
+    # ccache keyed on paths relative to the project, so a fresh clone elsewhere still hits
+    env = {**os.environ, "CCACHE_BASEDIR": str(paths.project()), "CCACHE_NOHASHDIR": "true"}
+    rc, _ = run_logged(cmd, log, on_line, env=env)
     if progress:
         progress.done()
     if rc != 0:

@@ -190,3 +190,44 @@ def quantize(base, out, qtype, mode, radius, table, hist, threads, extra):
                        threads=threads, extra=list(extra))
     size = f"{res['quant_mib']:.2f} MiB" + (f" ({res['quant_bpw']:.2f} BPW)" if "quant_bpw" in res else "")
     click.echo(f"wrote {out}: {size} in {res['seconds']:.1f} s" + (f"; histograms: {hist}" if hist else ""))
+
+
+@main.command()
+@click.option("--radius", default=None, help="Zero radii of centred Q4_0: 0..3, 1,3, 2 or none.")
+@click.option("--tables", default=None, help="Q8_0 translation tables: names in conf/tables or .table files, comma-separated, or none.")
+@click.option("--types", default=None, help="Stock quantization types, comma-separated (e.g. Q4_0,Q8_0), or none.")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Experiment file (default: conf/experiments/thesis.yaml).")
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Base model GGUF (default: the built-in demo model).")
+@click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Text to score, e.g. wiki.test.raw (default: the built-in demo text).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory (default: plots/<experiment>-<model>).")
+@click.option("--ctx", type=click.IntRange(16), default=None, help="Tokens per perplexity chunk (-c).")
+@click.option("--chunks", type=click.IntRange(0), default=None, help="Chunks to score (0 = the whole text).")
+@click.option("--kld", is_flag=True, help="Also KL divergence and same-top-token rate against the base.")
+@click.option("--keep-models", is_flag=True, help="Keep the quantized models after scoring.")
+@click.option("--threads", type=int, default=None, help="Threads for llama-* (default: all cores).")
+@friendly
+def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, keep_models, threads):
+    """Quantize and score every variant of an experiment; write results, figures and a report."""
+    from . import experiment, sweep as sweep_mod
+    exp = experiment.override(experiment.load_experiment(config), radius=radius, tables=tables, types=types,
+                              ctx=ctx, chunks=chunks)
+    out_dir, doc = sweep_mod.sweep(exp, model, text, out, kld=kld, keep_models=keep_models, threads=threads)
+    failed = [r["name"] for r in doc["variants"] if r["status"] != "ok"]
+    click.echo(f"report: {out_dir / 'report.md'}")
+    if failed:
+        click.echo(f"error: {len(failed)} variant(s) failed: {', '.join(failed)} (see the report)", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@friendly
+def plot(directory):
+    """Redraw a sweep's figures and report from its results.json."""
+    from .report import redraw
+    for title, path in redraw(directory):
+        click.echo(f"{directory / path}  ({title})")

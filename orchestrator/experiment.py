@@ -1,0 +1,127 @@
+"""Experiment files (conf/experiments/*.yaml): which variants a sweep quantizes and scores."""
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from . import paths
+from .conf import Table, table_arg
+from .errors import OrchestrateError
+
+KEYS = {"name", "description", "types", "tables", "radius", "perplexity"}
+PPL_KEYS = {"ctx", "chunks"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str                  # base | stock | table | radius
+    qtype: str | None = None   # llama-quantize type; None for the base
+    pablo: bool = False
+    radius: int | None = None
+    table: Table | None = None
+
+    def spec(self) -> dict:
+        """Everything about the variant that determines its weights (part of its run key)."""
+        t = self.table
+        return {"name": self.name, "kind": self.kind, "type": self.qtype, "mode": "pablo" if self.pablo else "simple",
+                "radius": self.radius,
+                "table": None if t is None else {"name": t.name, "lo": t.lo, "hi": t.hi, "level": t.level}}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    types: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    radius: list[int] = field(default_factory=list)
+    ctx: int = 512
+    chunks: int = 20
+    description: str = ""
+
+    def variants(self) -> list[Variant]:
+        out = [Variant("base", "base")]
+        out += [Variant(t.lower(), "stock", t) for t in self.types]
+        for name in self.tables:
+            t = table_arg(name)
+            out.append(Variant(f"q8_0-{t.name}", "table", "Q8_0", True, table=t))
+        out += [Variant(f"q4_0-r{r}", "radius", "Q4_0", True, radius=r) for r in self.radius]
+        return out
+
+
+def default_file() -> Path:
+    return paths.conf_dir() / "experiments" / "thesis.yaml"
+
+
+def parse_radius(text: str) -> list[int]:
+    """`0..3`, `1,3`, `2` or `none` -> sorted radii in 0..7."""
+    text = text.strip()
+    if text == "none":
+        return []
+    m = re.fullmatch(r"(\d+)\.\.(\d+)", text)
+    try:
+        values = list(range(int(m.group(1)), int(m.group(2)) + 1)) if m else [int(x) for x in text.split(",")]
+    except ValueError:
+        raise OrchestrateError(f"bad radius '{text}': use a range like 0..3, a list like 1,3, or one number") from None
+    if not values or any(not 0 <= r <= 7 for r in values):
+        raise OrchestrateError(f"bad radius '{text}': radii are 0..7")
+    return sorted(set(values))
+
+
+def parse_list(text: str) -> list[str]:
+    return [] if text.strip() == "none" else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def load_experiment(path: Path | None = None) -> Experiment:
+    path = Path(path or default_file())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise OrchestrateError(f"cannot read experiment {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise OrchestrateError(f"{path}: an experiment is a mapping of {', '.join(sorted(KEYS))}")
+    unknown = set(data) - KEYS
+    if unknown:
+        raise OrchestrateError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(KEYS))})")
+    ppl = data.get("perplexity") or {}
+    if not isinstance(ppl, dict) or set(ppl) - PPL_KEYS:
+        raise OrchestrateError(f"{path}: perplexity takes {', '.join(sorted(PPL_KEYS))}")
+
+    def str_list(key):
+        v = data.get(key) or []
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise OrchestrateError(f"{path}: {key} must be a list of names")
+        return v
+    radius = data.get("radius") or []
+    if not isinstance(radius, list) or not all(isinstance(r, int) and 0 <= r <= 7 for r in radius):
+        raise OrchestrateError(f"{path}: radius must be a list of integers 0..7")
+    for key in ("ctx", "chunks"):
+        if key in ppl and (not isinstance(ppl[key], int) or ppl[key] < (16 if key == "ctx" else 0)):
+            raise OrchestrateError(f"{path}: perplexity.{key} must be a whole number"
+                                   + (" >= 16" if key == "ctx" else " >= 0"))
+    exp = Experiment(name=str(data.get("name") or path.stem), types=[t.upper() for t in str_list("types")],
+                     tables=str_list("tables"), radius=sorted(set(radius)), ctx=ppl.get("ctx", 512),
+                     chunks=ppl.get("chunks", 20), description=str(data.get("description") or "").strip())
+    exp.variants()  # resolves the tables now: a bad name is an error before any work starts
+    return exp
+
+
+def override(exp: Experiment, radius: str | None = None, tables: str | None = None, types: str | None = None,
+             ctx: int | None = None, chunks: int | None = None) -> Experiment:
+    """The experiment with command-line selections applied."""
+    changes = {}
+    if radius is not None:
+        changes["radius"] = parse_radius(radius)
+    if tables is not None:
+        changes["tables"] = parse_list(tables)
+    if types is not None:
+        changes["types"] = [t.upper() for t in parse_list(types)]
+    if ctx is not None:
+        changes["ctx"] = ctx
+    if chunks is not None:
+        changes["chunks"] = chunks
+    exp = replace(exp, **changes)
+    exp.variants()
+    return exp

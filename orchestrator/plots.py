@@ -1,0 +1,202 @@
+"""Figures of a sweep, drawn from results.json and the histogram files (PNG and SVG)."""
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+RUN_LABELS = [str(i) for i in range(1, 16)] + ["≥16"]
+
+
+def _save(fig, out: Path, stem: str) -> str:
+    """Write stem.png and stem.svg atomically; return the PNG's name."""
+    for ext in ("png", "svg"):
+        final = out / f"{stem}.{ext}"
+        tmp = out / f".{stem}.tmp.{ext}"
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        os.replace(tmp, final)
+    plt.close(fig)
+    return f"{stem}.png"
+
+
+def _ok(doc):
+    return [r for r in doc["variants"] if r["status"] == "ok"]
+
+
+def _subtitle(doc) -> str:
+    s = f"{Path(doc['model']).name}, {Path(doc['text']).name}, -c {doc['perplexity']['ctx']}, " \
+        f"{doc['perplexity']['chunks'] or 'all'} chunks"
+    if doc["base_upcast_from"]:
+        s += f"\nbase = F16 upcast of a {doc['base_upcast_from']} model"
+    return s
+
+
+def _yerr(rows):
+    """Asymmetric error bars that stay above zero (they are drawn on a log axis too)."""
+    return [[min(r["ppl_err"], 0.95 * r["ppl"]) for r in rows], [r["ppl_err"] for r in rows]]
+
+
+def _ppl_axis(ax, rows):
+    """Log scale when perplexities span more than a factor of 10 (a broken variant would flatten the rest)."""
+    values = [r["ppl"] for r in rows if r["ppl"] > 0]
+    log = bool(values) and max(values) / min(values) > 10
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel("perplexity (± standard error)" + (", log scale" if log else ""))
+
+
+def _base_line(ax, base):
+    if base:
+        ax.axhline(base["ppl"], color="k", ls="--", lw=1, label=f"base {base['ppl']:.3f}")
+        ax.axhspan(base["ppl"] - base["ppl_err"], base["ppl"] + base["ppl_err"], color="k", alpha=0.08)
+
+
+def fig_perplexity(doc, out):
+    rows = [r for r in _ok(doc) if r["kind"] != "base"]
+    base = next((r for r in _ok(doc) if r["kind"] == "base"), None)
+    if not rows:
+        return None
+    colors = {"stock": "tab:blue", "table": "tab:orange", "radius": "tab:red"}
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
+    x = np.arange(len(rows))
+    for kind, c in colors.items():
+        idx = [i for i, r in enumerate(rows) if r["kind"] == kind]
+        if idx:
+            ax.errorbar(x[idx], [rows[i]["ppl"] for i in idx], yerr=_yerr([rows[i] for i in idx]), fmt="o",
+                        capsize=4, color=c, label={"stock": "stock", "table": "Q8_0 + table", "radius": "centred Q4_0 + radius"}[kind])
+    _base_line(ax, base)
+    ax.set_xticks(x, [r["name"] for r in rows], rotation=30, ha="right")
+    _ppl_axis(ax, rows + ([base] if base else []))
+    ax.set_title("Perplexity per variant\n" + _subtitle(doc), fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out, "perplexity")
+
+
+def fig_radius(doc, out):
+    rows = sorted((r for r in _ok(doc) if r["kind"] == "radius"), key=lambda r: r["radius"])
+    if not rows:
+        return None
+    base = next((r for r in _ok(doc) if r["kind"] == "base"), None)
+    stock = next((r for r in _ok(doc) if r["name"] == "q4_0"), None)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.errorbar([r["radius"] for r in rows], [r["ppl"] for r in rows], yerr=_yerr(rows),
+                fmt="o-", capsize=4, color="tab:red", label="centred Q4_0")
+    if stock:
+        ax.axhline(stock["ppl"], color="tab:blue", ls=":", lw=1, label=f"stock Q4_0 {stock['ppl']:.3f}")
+    _base_line(ax, base)
+    ax.set_xlabel("zero radius r (|v| ≤ r becomes 0)")
+    ax.set_xticks([r["radius"] for r in rows])
+    _ppl_axis(ax, rows + [r for r in (base, stock) if r])
+    ax.set_title("Perplexity against zero radius\n" + _subtitle(doc), fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, "perplexity_vs_radius")
+
+
+def _hist(out: Path, row) -> dict | None:
+    if not row.get("hist"):
+        return None
+    path = out / row["hist"]
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _main(hist, row):
+    return hist["model"].get(row["type"].lower()) if hist else None
+
+
+def fig_values(doc, out, row):
+    m = _main(_hist(out, row), row)
+    if not m or len(m["values"]) != 16:
+        return None
+    vals = np.array(m["values"], dtype=float)
+    share = 100 * vals / vals.sum()
+    labels = np.arange(m["bin_min"], m["bin_min"] + 16)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.bar(labels, share, color="tab:red" if row["kind"] == "radius" else "tab:orange" if row["kind"] == "table" else "tab:blue")
+    ax.set_xticks(labels)
+    what = "table code" if m["bins"] == "code" else "centred value v = q − 8"
+    ax.set_xlabel(what)
+    ax.set_ylabel("share of weights (%)")
+    zero = row.get("zero_fraction")
+    ax.set_title(f"Value histogram, {row['name']} (whole model, {row['type']} tensors)"
+                 + (f"\nzeros: {100 * zero:.2f}%" if zero is not None else ""), fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out, f"values-{row['name']}")
+
+
+def fig_q8_values(doc, out):
+    row = next((r for r in _ok(doc) if r["name"] == "q8_0"), None)
+    m = _main(_hist(out, row), row) if row else None
+    if not m or len(m["values"]) != 256:
+        return None
+    vals = np.array(m["values"], dtype=float)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(np.arange(-128, 128), 100 * vals / vals.sum(), width=1.0, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("Q8_0 value q (int8)")
+    ax.set_ylabel("share of weights (%), log scale")
+    ax.set_title("Stock Q8_0 value histogram (256 bins, whole model)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out, "q8_0_values")
+
+
+def fig_table_codes(doc, out):
+    rows = [r for r in _ok(doc) if r["kind"] == "table"]
+    hists = [(r, _main(_hist(out, r), r)) for r in rows]
+    hists = [(r, m) for r, m in hists if m and m["bins"] == "code"]
+    if not hists:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(hists)
+    codes = np.arange(-8, 8)
+    for i, (r, m) in enumerate(hists):
+        v = np.array(m["values"], dtype=float)
+        ax.bar(codes + (i - (len(hists) - 1) / 2) * width, 100 * v / v.sum(), width=width, label=r["table"])
+    ax.axhline(100 / 16, color="k", ls=":", lw=1, label="uniform (1/16)")
+    ax.set_xticks(codes)
+    ax.set_xlabel("table code")
+    ax.set_ylabel("share of weights (%)")
+    ax.set_title("How often each 4-bit code is used, per translation table", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out, "table_codes")
+
+
+def fig_zero_runs(doc, out):
+    rows = [r for r in _ok(doc) if r["kind"] == "radius" or r["name"] == "q4_0"]
+    rows = [(r, _main(_hist(out, r), r)) for r in sorted(rows, key=lambda r: (r["radius"] is not None, r["radius"] or 0))]
+    rows = [(r, m) for r, m in rows if m and sum(m["zero_runs"])]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.3 * len(rows), 3.6), sharey=True, squeeze=False)
+    for ax, (r, m) in zip(axes[0], rows):
+        runs = np.array(m["zero_runs"], dtype=float)
+        ax.bar(np.arange(16), 100 * runs / runs.sum(), color="tab:red")
+        ax.set_xticks(np.arange(16), RUN_LABELS, fontsize=6)
+        ax.set_xlabel("zero-run length")
+        iso = r.get("isolated_zero_share")
+        ax.set_title(f"{r['name']}" + (f"\nisolated zeros: {100 * iso:.2f}%" if iso is not None else ""), fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("share of zero runs (%)")
+    fig.suptitle("Zero-run histograms (runs of consecutive zero values within a row)", fontsize=10, y=1.08)
+    return _save(fig, out, "zero_runs")
+
+
+def draw_all(doc: dict, out: Path) -> list[tuple[str, str]]:
+    """Every figure the results allow; returns (title, PNG file name) pairs."""
+    out = Path(out)
+    figs = [("Perplexity per variant", fig_perplexity(doc, out)),
+            ("Perplexity against zero radius", fig_radius(doc, out)),
+            ("Zero-run histograms", fig_zero_runs(doc, out)),
+            ("Stock Q8_0 values (256 bins)", fig_q8_values(doc, out)),
+            ("Table code usage", fig_table_codes(doc, out))]
+    for r in _ok(doc):
+        if r["kind"] != "base":
+            figs.append((f"Value histogram: {r['name']}", fig_values(doc, out, r)))
+    return [(t, p) for t, p in figs if p]

@@ -1,0 +1,148 @@
+"""The sweep's outputs: results.json, results.csv, histogram copies, figures, report.md."""
+
+import csv
+import datetime
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+from . import plots
+from .errors import OrchestrateError
+from .sweep import SCHEMA, write_json
+
+# results.csv: one row per variant (documented in README.md)
+CSV_COLUMNS = ["name", "kind", "type", "mode", "radius", "table", "status", "ppl", "ppl_err", "kld", "kld_err",
+               "same_top", "same_top_err", "rms_dp", "file_bytes", "bpw", "zero_fraction", "isolated_zero_share",
+               "quantize_seconds", "perplexity_seconds", "reason", "log", "run_dir"]
+
+
+def results_document(exp, inp, model: Path, rows: list[dict]) -> dict:
+    from .assets import model_id
+    return {
+        "schema": SCHEMA,
+        "name": exp.name,
+        "description": exp.description,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": str(model), "model_sha256": model_id(model),
+        "base": str(inp.base.path), "base_upcast_from": inp.base.upcast_from,
+        "text": str(inp.text), "text_sha256": inp.text_id,
+        "perplexity": {"ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld, "threads": inp.threads},
+        "fork": {"id": inp.fork.id, "upstream": inp.fork.stamp["pin"], "patches": inp.fork.stamp["applied"]},
+        "variants": rows,
+    }
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_csv(doc: dict, path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in doc["variants"]:
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+    _write_text(path, buf.getvalue())
+
+
+def copy_histograms(doc: dict, out: Path) -> None:
+    """Bring each variant's histogram JSON into the sweep directory, so it stands alone."""
+    (out / "hist").mkdir(exist_ok=True)
+    for row in doc["variants"]:
+        src = Path(row.get("run_dir") or "/nonexistent") / "hist.json"
+        if row["status"] == "ok" and src.exists():
+            dest = out / "hist" / f"{row['name']}.json"
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+            row["hist"] = f"hist/{row['name']}.json"
+        else:
+            row["hist"] = None
+
+
+def _fmt(v, spec: str, empty: str = "–") -> str:
+    return empty if v is None else format(v, spec)
+
+
+def _ppl(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
+    rows = doc["variants"]
+    base = next((r for r in rows if r["kind"] == "base" and r["status"] == "ok"), None)
+    lines = [f"# Sweep `{doc['name']}`", ""]
+    if doc.get("description"):
+        lines += [doc["description"], ""]
+    lines += [f"- Model: `{doc['model']}` (sha256 `{doc['model_sha256'][:16]}…`)"]
+    if doc["base_upcast_from"]:
+        lines += [f"- **Base: an F16 upcast of a {doc['base_upcast_from']} model.** The model was already "
+                  f"quantized, so its \"F16\" reference is that {doc['base_upcast_from']} model's weights in F16, "
+                  "not an original full-precision model; every variant is a re-quantization of those weights."]
+    else:
+        lines += [f"- Base: the model as given (`{doc['base']}`)"]
+    p = doc["perplexity"]
+    lines += [f"- Text: `{doc['text']}` (sha256 `{doc['text_sha256'][:16]}…`); llama-perplexity `-c {p['ctx']}`"
+              f" over {p['chunks'] or 'all'} chunks" + ("; KL divergence against the base" if p["kld"] else ""),
+              f"- Fork: `{doc['fork']['id']}` — {doc['fork']['upstream']}; patches: "
+              + ", ".join(f"`{x}`" for x in doc["fork"]["patches"]),
+              f"- Made: {doc['created']}", "", "## Results", ""]
+    head = "| variant | type | mode | radius | table | perplexity | vs base | bits/weight | zeros | isolated zeros |"
+    if p["kld"]:
+        head += " KLD | same top token |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['name']} | {r.get('type') or ''} | | | | **failed** | | | | |" + (" | |" if p["kld"] else ""))
+            continue
+        delta = "" if not base or r is base else ("+" if r["ppl"] >= base["ppl"] else "") + _ppl(r["ppl"] - base["ppl"])
+        line = (f"| {r['name']} | {r['type']} | {r['mode']} | {_fmt(r['radius'], 'd', '')} | {r['table'] or ''} | "
+                f"{_ppl(r['ppl'])} ± {_ppl(r['ppl_err'])} | {delta} | {_fmt(r['bpw'], '.3f')} | "
+                f"{_fmt(r['zero_fraction'] and 100 * r['zero_fraction'], '.2f')}{'%' if r['zero_fraction'] is not None else ''} | "
+                f"{_fmt(r['isolated_zero_share'] and 100 * r['isolated_zero_share'], '.2f')}{'%' if r['isolated_zero_share'] is not None else ''} |")
+        if p["kld"]:
+            line += f" {_fmt(r.get('kld'), '.6f')} | {_fmt(r.get('same_top'), '.2f')}{'%' if r.get('same_top') is not None else ''} |"
+        lines.append(line)
+    lines += ["", "± is llama-perplexity's estimate of the standard error of the mean over the scored tokens. "
+              "Two variants whose difference is smaller than about twice their combined error are not "
+              "distinguishable with this much text; score more chunks (`--chunks`) or use `--kld`, which "
+              "compares token by token against the base.", "",
+              "*zeros*: share of the variant's quantized values (of its main type) stored as 0; "
+              "*isolated zeros*: share of those zeros that have no zero neighbour in their row (runs of length 1).", ""]
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        lines += ["## Failures", ""] + [f"- `{r['name']}`: {r['reason']}" + (f" (log: `{r['log']}`)" if r.get("log") else "")
+                                        for r in failed] + [""]
+    lines += ["## Figures", ""]
+    for title, path in figures:
+        lines += [f"### {title}", "", f"![{title}]({path})", ""]
+    lines += ["## Commands run", ""]
+    for r in rows:
+        for c in r.get("commands", []):
+            lines.append(f"- `{r['name']}`: `{' '.join(c)}`")
+    return "\n".join(lines) + "\n"
+
+
+def write_all(doc: dict, out: Path) -> None:
+    copy_histograms(doc, out)
+    write_json(out / "results.json", doc)
+    write_csv(doc, out / "results.csv")
+    figures = plots.draw_all(doc, out)
+    _write_text(out / "report.md", render_report(doc, figures))
+
+
+def redraw(out: Path) -> list[tuple[str, str]]:
+    """`orchestrate plot DIR`: figures and report again from results.json."""
+    path = Path(out) / "results.json"
+    if not path.exists():
+        raise OrchestrateError(f"{path} does not exist (run `orchestrate sweep` first)")
+    doc = json.loads(path.read_text())
+    if doc.get("schema") != SCHEMA:
+        raise OrchestrateError(f"{path} is not a sweep results file (schema {doc.get('schema')!r})")
+    figures = plots.draw_all(doc, Path(out))
+    _write_text(Path(out) / "report.md", render_report(doc, figures))
+    return figures
