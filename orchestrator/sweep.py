@@ -256,12 +256,11 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
     from .fetch import sha256_of
     from .quantize import prepare_base
 
-    fork = build.build(quiet=False)
     model = Path(model) if model else assets.demo_model()
     text = Path(text) if text else assets.demo_text()
-    if not text.is_file():
-        raise OrchestrateError(f"text {text} does not exist")
-    base = prepare_base(model, fork)
+    for what, path in (("model", model), ("text", text)):
+        if not path.is_file():
+            raise OrchestrateError(f"{what} {path} does not exist")
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{model.stem}"
     out.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(out / ".sweep.lock"))
@@ -271,6 +270,8 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         raise OrchestrateError(f"another sweep is writing to {out} (lock {out / '.sweep.lock'}); "
                                "wait for it or choose another --out") from None
     try:
+        fork = build.build(quiet=False)
+        base = prepare_base(model, fork)
         inp = Inputs(fork, base, assets.model_id(base.path), text, sha256_of(text), exp.ctx, exp.chunks, kld,
                      threads or os.cpu_count() or 1)
         if kld:

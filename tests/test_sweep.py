@@ -1,0 +1,204 @@
+"""`orchestrate sweep` end to end on the demo model and text, with small settings."""
+
+import json
+import math
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import filelock
+import pytest
+
+from conftest import orchestrate
+from orchestrator import experiment, paths
+from orchestrator.errors import OrchestrateError
+
+SMALL = ["--radius", "0..2", "--chunks", "3", "--ctx", "128", "--threads", "2"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def swept(fork, demo_base, demo_text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    res = orchestrate("sweep", *SMALL, "--out", out)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), res
+
+
+def by_name(doc):
+    return {r["name"]: r for r in doc["variants"]}
+
+
+def test_every_variant_scored(swept):
+    out, doc, _ = swept
+    rows = by_name(doc)
+    assert list(rows) == ["base", "q4_0", "q8_0", "q8_0-basic", "q8_0-balanced", "q4_0-r0", "q4_0-r1", "q4_0-r2"]
+    for r in rows.values():
+        assert r["status"] == "ok" and math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["ppl_err"] > 0, r["name"]
+        assert len(r["ppl_chunks"]) == 3 and r["ppl_chunks"][-1] == r["ppl"]
+        assert r["perplexity_seconds"] > 0 and r["commands"]
+    # radius 0 changes no weight, so it scores exactly like stock Q4_0
+    assert rows["q4_0-r0"]["ppl"] == rows["q4_0"]["ppl"] and rows["q4_0-r0"]["ppl_chunks"] == rows["q4_0"]["ppl_chunks"]
+    assert rows["q4_0"]["bpw"] < rows["q8_0"]["bpw"] < rows["base"]["bpw"]
+
+
+def test_zeros_grow_with_radius_and_match_the_histograms(swept):
+    out, doc, _ = swept
+    rows = by_name(doc)
+    zf = [rows[f"q4_0-r{r}"]["zero_fraction"] for r in range(3)]
+    assert zf[0] < zf[1] < zf[2]
+    for name in ("q4_0", "q4_0-r0", "q4_0-r1", "q4_0-r2", "q8_0", "q8_0-balanced"):
+        r = rows[name]
+        hist = json.loads((out / r["hist"]).read_text())
+        m = hist["model"][r["type"].lower()]
+        if m["bins"] == "value":
+            zeros = m["values"][-m["bin_min"]]
+        else:
+            zeros = m["values"][hist["config"]["table"]["level"].index(0)]
+        assert r["zero_fraction"] == zeros / m["elements"], name
+        assert r["isolated_zero_share"] == m["zero_runs"][0] / zeros, name
+
+
+def test_outputs_figures_and_report(swept):
+    out, doc, res = swept
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("name,kind,type,mode,radius,table,status,ppl,ppl_err") and len(csv_lines) == 9
+    pngs = sorted(out.glob("*.png"))
+    names = {p.stem for p in pngs}
+    assert {"perplexity", "perplexity_vs_radius", "zero_runs", "q8_0_values", "table_codes",
+            "values-q4_0-r1", "values-q8_0-balanced"} <= names
+    import matplotlib.image
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG
+        h, w, _ = matplotlib.image.imread(p).shape
+        assert h > 100 and w > 100
+        assert p.with_suffix(".svg").read_text().lstrip().startswith("<?xml")
+    report = (out / "report.md").read_text()
+    assert "F16 upcast of a Q4_1 model" in report
+    for p in pngs:
+        assert f"]({p.name})" in report
+    assert "report.md" in res.stdout
+    # `orchestrate plot` redraws from results.json alone
+    (out / "perplexity.png").unlink()
+    orchestrate("plot", out, check=True)
+    assert (out / "perplexity.png").read_bytes()[:8] == PNG
+
+
+def test_second_run_starts_no_llama_process(swept, fork):
+    out, doc, _ = swept
+    bins = [fork.binary(t) for t in ("llama-quantize", "llama-perplexity")]
+    modes = [b.stat().st_mode for b in bins]
+    try:
+        for b in bins:  # any attempt to run them now would fail the sweep
+            b.chmod(b.stat().st_mode & ~(stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
+        res = orchestrate("sweep", *SMALL, "--out", out)
+    finally:
+        for b, m in zip(bins, modes):
+            b.chmod(m)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("(cached)") == 8
+    again = json.loads((out / "results.json").read_text())
+    assert [r["ppl"] for r in again["variants"]] == [r["ppl"] for r in doc["variants"]]
+
+
+def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path):
+    out, doc, _ = swept
+    # a separate run cache (sharing the downloads and the base) so nothing is reused from `swept`
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for sub in ("downloads", "demo", "bases"):
+        (cache / sub).symlink_to(paths.cache_dir() / sub)
+    env = {"ORCHESTRATE_CACHE": str(cache)}
+    out2 = tmp_path / "out"
+    cmd = [sys.executable, "-m", "orchestrator", "sweep", *SMALL, "--out", str(out2)]
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    runs = cache / "runs"
+    deadline = time.monotonic() + 300
+    # kill -9 in the middle of a variant: once the third variant is busy quantizing or scoring
+    while time.monotonic() < deadline and proc.poll() is None:
+        busy = [d for d in runs.glob("q8_0-*") if any(d.glob(".quantize-*")) or (d / "perplexity.log").exists()]
+        if busy and not (busy[0] / "result.json").exists():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out2 / "results.json").exists()
+    res = orchestrate("sweep", *SMALL, "--out", out2, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "(cached)" in res.stderr  # the variants finished before the kill were not redone
+    resumed = json.loads((out2 / "results.json").read_text())
+    keys = ("name", "status", "zero_fraction", "isolated_zero_share", "bpw", "file_bytes")
+    assert [{k: r[k] for k in keys} for r in resumed["variants"]] == [{k: r[k] for k in keys} for r in doc["variants"]]
+    # llama-perplexity prints 4 decimals; a broken variant's 1e16 perplexity shows float noise in its
+    # last printed digits from run to run, so compare to 1e-9 relative
+    for a, b in zip(resumed["variants"], doc["variants"]):
+        assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-9) and a["ppl_err"] == pytest.approx(b["ppl_err"], rel=1e-9)
+        assert a["ppl_chunks"] == pytest.approx(b["ppl_chunks"], rel=1e-9)
+    for r in resumed["variants"][1:]:
+        a, b = (json.loads((d / r["hist"]).read_text()) for d in (out2, out))
+        for h in (a, b):
+            del h["config"]["file"]  # the per-run temporary configuration file
+        assert a == b, r["name"]
+
+
+def test_two_sweeps_on_one_directory_are_refused(fork, tmp_path):
+    lock = filelock.FileLock(str(tmp_path / ".sweep.lock"))
+    with lock.acquire(timeout=0):
+        res = orchestrate("sweep", *SMALL, "--out", tmp_path)
+    assert res.returncode == 1
+    assert "another sweep is writing to" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_failing_variant_is_reported_and_the_rest_goes_on(swept, tmp_path):
+    res = orchestrate("sweep", "--radius", "none", "--tables", "none", "--types", "Q4_0,NOT_A_TYPE",
+                      "--chunks", "3", "--ctx", "128", "--threads", "2", "--out", tmp_path)
+    assert res.returncode == 1
+    assert "1 variant(s) failed: not_a_type" in res.stderr
+    rows = by_name(json.loads((tmp_path / "results.json").read_text()))
+    assert rows["q4_0"]["status"] == "ok" and rows["base"]["status"] == "ok"
+    bad = rows["not_a_type"]
+    assert bad["status"] == "failed" and "llama-quantize failed" in bad["reason"] and Path(bad["log"]).exists()
+    assert "## Failures" in (tmp_path / "report.md").read_text()
+
+
+def test_experiment_files_are_validated(tmp_path):
+    assert [v.name for v in experiment.load_experiment().variants()] == [
+        "base", "q4_0", "q8_0", "q8_0-basic", "q8_0-balanced", "q4_0-r0", "q4_0-r1", "q4_0-r2", "q4_0-r3"]
+    assert experiment.parse_radius("0..3") == [0, 1, 2, 3]
+    assert experiment.parse_radius("3,1") == [1, 3] and experiment.parse_radius("2") == [2]
+    for bad in ("0..9", "a", "1,,2", "-1"):
+        with pytest.raises(OrchestrateError):
+            experiment.parse_radius(bad)
+    cases = {"radius: [1, 9]\n": "radius", "tables: [nosuch]\n": "unknown table", "colour: red\n": "unknown key",
+             "perplexity: {ctx: 4}\n": "ctx", "- a list\n": "mapping"}
+    for text, msg in cases.items():
+        p = tmp_path / "e.yaml"
+        p.write_text(text)
+        with pytest.raises(OrchestrateError, match=msg):
+            experiment.load_experiment(p)
+    res = orchestrate("sweep", "--config", p)
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_kl_divergence_against_the_base(fork, demo_base, tmp_path):
+    res = orchestrate("sweep", "--kld", "--radius", "2", "--tables", "none", "--types", "Q4_0", "--chunks", "3",
+                      "--ctx", "128", "--threads", "2", "--out", tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "note: --kld stores the base's logits once (about 0.0 GB)" in res.stdout
+    rows = by_name(json.loads((tmp_path / "results.json").read_text()))
+    assert rows["base"]["kld"] is None
+    q4, r2 = rows["q4_0"], rows["q4_0-r2"]
+    assert 0 < q4["kld"] < r2["kld"] and 0 < r2["same_top"] < q4["same_top"] < 100
+    assert "KLD" in (tmp_path / "report.md").read_text()
+    logits = Path(rows["base"]["run_dir"]) / "logits.bin"
+    estimate = 49152 * 2 * 64 * 3  # vocabulary x 2 bytes x scored tokens: what the warning said
+    assert abs(logits.stat().st_size - estimate) < 0.05 * estimate
+    again = orchestrate("sweep", "--kld", "--radius", "2", "--tables", "none", "--types", "Q4_0", "--chunks", "3",
+                        "--ctx", "128", "--threads", "2", "--out", tmp_path)
+    assert again.returncode == 0 and again.stderr.count("(cached)") == 3
