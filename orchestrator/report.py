@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import plots
 from .errors import OrchestrateError
-from .sweep import SCHEMA, write_json
+from .sweep import SCHEMA, fmt_ppl, write_json
 
 # results.csv: one row per variant (documented in README.md)
 CSV_COLUMNS = ["name", "kind", "type", "mode", "radius", "table", "status", "ppl", "ppl_err", "kld", "kld_err",
@@ -68,10 +68,6 @@ def _fmt(v, spec: str, empty: str = "–") -> str:
     return empty if v is None else format(v, spec)
 
 
-def _ppl(v: float) -> str:
-    return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.3e}"
-
-
 def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
     rows = doc["variants"]
     base = next((r for r in rows if r["kind"] == "base" and r["status"] == "ok"), None)
@@ -99,9 +95,9 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
         if r["status"] != "ok":
             lines.append(f"| {r['name']} | {r.get('type') or ''} | | | | **failed** | | | | |" + (" | |" if p["kld"] else ""))
             continue
-        delta = "" if not base or r is base else ("+" if r["ppl"] >= base["ppl"] else "") + _ppl(r["ppl"] - base["ppl"])
+        delta = "" if not base or r is base else ("+" if r["ppl"] >= base["ppl"] else "") + fmt_ppl(r["ppl"] - base["ppl"])
         line = (f"| {r['name']} | {r['type']} | {r['mode']} | {_fmt(r['radius'], 'd', '')} | {r['table'] or ''} | "
-                f"{_ppl(r['ppl'])} ± {_ppl(r['ppl_err'])} | {delta} | {_fmt(r['bpw'], '.3f')} | "
+                f"{fmt_ppl(r['ppl'])} ± {fmt_ppl(r['ppl_err'])} | {delta} | {_fmt(r['bpw'], '.3f')} | "
                 f"{_fmt(r['zero_fraction'] and 100 * r['zero_fraction'], '.2f')}{'%' if r['zero_fraction'] is not None else ''} | "
                 f"{_fmt(r['isolated_zero_share'] and 100 * r['isolated_zero_share'], '.2f')}{'%' if r['isolated_zero_share'] is not None else ''} |")
         if p["kld"]:

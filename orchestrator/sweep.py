@@ -48,6 +48,11 @@ class StepError(OrchestrateError):
         self.log = log
 
 
+def fmt_ppl(v: float) -> str:
+    """Perplexities of broken variants reach 1e16: keep those readable."""
+    return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
 def write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
@@ -210,7 +215,7 @@ class Display:
         if worked:
             self.times.append(seconds)
         if row["status"] == "ok":
-            msg = f"{row['ppl']:.4f} ± {row['ppl_err']:.4f}" + ("" if worked else " (cached)")
+            msg = f"{fmt_ppl(row['ppl'])} ± {fmt_ppl(row['ppl_err'])}" + ("" if worked else " (cached)")
         else:
             msg = f"FAILED: {row['reason']}" + (f" (log: {row['log']})" if row.get("log") else "")
         self.progress.done(f"[{self.i}/{self.n}] {v.name}: {msg}")

@@ -87,3 +87,15 @@ def test_write_then_parse_round_trips(tmp_path):
     c = conf.parse_conf(p)
     assert (c.pablo, c.radius, c.table.level, c.hist_out) == (True, 2, t.level, tmp_path / "h.json")
     assert [x.name for x in tmp_path.iterdir()] == ["pablo.conf"]  # no temp file left
+
+
+def test_conf_check_cli(tmp_path):
+    from conftest import orchestrate
+    good = tmp_path / "good.conf"
+    good.write_text("MODE = pablo\nQ4_0_RADIUS = 1\n")
+    res = orchestrate("conf", "check", good)
+    assert res.returncode == 0 and "MODE=pablo Q4_0_RADIUS=1 TABLE_MODE=off" in res.stdout
+    bad = DATA / "bad_confs" / "radius_too_big.conf"
+    res = orchestrate("conf", "check", good, bad)
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"error: pablo config error: {bad}:2: Q4_0_RADIUS must be an integer 0..7, got '8'"
