@@ -209,13 +209,16 @@ def quantize(base, out, qtype, mode, radius, table, hist, threads, extra):
 @click.option("--kld", is_flag=True, help="Also KL divergence and same-top-token rate against the base.")
 @click.option("--keep-models", is_flag=True, help="Keep the quantized models after scoring.")
 @click.option("--threads", type=int, default=None, help="Threads for llama-* (default: all cores).")
+@click.option("--damage", "damage_variant", default=None,
+              help="Variant whose per-tensor weight error is drawn as a heat-map (default: the largest radius).")
 @friendly
-def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, keep_models, threads):
+def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, keep_models, threads, damage_variant):
     """Quantize and score every variant of an experiment; write results, figures and a report."""
     from . import experiment, sweep as sweep_mod
     exp = experiment.override(experiment.load_experiment(config), radius=radius, tables=tables, types=types,
                               ctx=ctx, chunks=chunks)
-    out_dir, doc = sweep_mod.sweep(exp, model, text, out, kld=kld, keep_models=keep_models, threads=threads)
+    out_dir, doc = sweep_mod.sweep(exp, model, text, out, kld=kld, keep_models=keep_models, threads=threads,
+                                   damage_variant=damage_variant)
     failed = [r["name"] for r in doc["variants"] if r["status"] != "ok"]
     click.echo(f"report: {out_dir / 'report.md'}")
     if failed:
@@ -225,9 +228,42 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, kee
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--damage", "damage_variant", default=None, help="Variant for the weight-error heat-map.")
 @friendly
-def plot(directory):
+def plot(directory, damage_variant):
     """Redraw a sweep's figures and report from its results.json."""
     from .report import redraw
-    for title, path in redraw(directory):
+    for title, path in redraw(directory, damage_variant):
         click.echo(f"{directory / path}  ({title})")
+
+
+@main.group()
+def tables():
+    """Translation tables for the Q8_0 -> 4-bit experiments."""
+
+
+@tables.command("fit")
+@click.argument("base", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("tables"),
+              help="Where to write the .table files (default: ./tables).")
+@click.option("--threads", type=int, default=None)
+@friendly
+def tables_fit(base, out, threads):
+    """Fit balanced-fit and optimal tables to BASE's own Q8_0 value distribution."""
+    from . import assets
+    from .conf import load_table
+    from .quantize import prepare_base
+    from .tables import code_masses, expected_sq_error, fit, measured_histogram, write_table
+    fork = build_mod.build(quiet=True)
+    b = prepare_base(base, fork)
+    hist = measured_histogram(fork, b.path, assets.model_id(b.path), threads)
+    stem = Path(base).stem
+    click.echo(f"{'table':<14}{'E[(q - level)^2]':>18}  code masses (%, min..max)")
+    shown = [load_table(paths.conf_dir() / "tables" / f"{n}.table", n) for n in ("basic", "balanced")]
+    for name in ("balanced-fit", "optimal"):
+        note = f"{name} table fitted to the Q8_0 values of {Path(base).name} (sha256 {assets.model_id(b.path)[:16]})"
+        shown.append(write_table(fit(name, hist), out / f"{stem}-{name}.table", note))
+    for t in shown:
+        m = 100 * code_masses(t, hist)
+        where = f"  -> {t.path}" if t.name in ("balanced-fit", "optimal") else ""
+        click.echo(f"{t.name:<14}{expected_sq_error(t, hist):>18.3f}  {m.min():.2f}..{m.max():.2f}{where}")

@@ -209,7 +209,13 @@ def write_conf(path: Path, pablo: bool, radius: int = 0, table: Table | None = N
                hist_out: Path | None = None) -> Path:
     """Write a configuration with absolute paths (atomically)."""
     lines = ["# written by orchestrate", f"MODE = {'pablo' if pablo else 'simple'}", f"Q4_0_RADIUS = {radius}"]
-    lines.append(f"TABLE_MODE = {Path(table.path).resolve()}" if table else "TABLE_MODE = off")
+    if table is None:
+        lines.append("TABLE_MODE = off")
+    elif Path(table.path).name == f"{table.name}.table" and _NAME.fullmatch(table.name):
+        # by name, so the histograms record "balanced" rather than a path
+        lines += [f"TABLE_DIR = {Path(table.path).resolve().parent}", f"TABLE_MODE = {table.name}"]
+    else:
+        lines.append(f"TABLE_MODE = {Path(table.path).resolve()}")
     if hist_out:
         lines.append(f"HIST_OUT = {Path(hist_out).resolve()}")
     path = Path(path)

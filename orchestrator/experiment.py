@@ -8,6 +8,7 @@ import yaml
 
 from . import paths
 from .conf import Table, table_arg
+from .tables import FITTED
 from .errors import OrchestrateError
 
 KEYS = {"name", "description", "types", "tables", "radius", "perplexity"}
@@ -22,6 +23,7 @@ class Variant:
     pablo: bool = False
     radius: int | None = None
     table: Table | None = None
+    fit: str | None = None     # a table fitted to the base at sweep time (balanced-fit, optimal)
 
     def spec(self) -> dict:
         """Everything about the variant that determines its weights (part of its run key)."""
@@ -45,8 +47,11 @@ class Experiment:
         out = [Variant("base", "base")]
         out += [Variant(t.lower(), "stock", t) for t in self.types]
         for name in self.tables:
-            t = table_arg(name)
-            out.append(Variant(f"q8_0-{t.name}", "table", "Q8_0", True, table=t))
+            if name in FITTED:
+                out.append(Variant(f"q8_0-{name}", "table", "Q8_0", True, fit=name))
+            else:
+                t = table_arg(name)
+                out.append(Variant(f"q8_0-{t.name}", "table", "Q8_0", True, table=t))
         out += [Variant(f"q4_0-r{r}", "radius", "Q4_0", True, radius=r) for r in self.radius]
         return out
 

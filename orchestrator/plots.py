@@ -188,14 +188,69 @@ def fig_zero_runs(doc, out):
     return _save(fig, out, "zero_runs")
 
 
-def draw_all(doc: dict, out: Path) -> list[tuple[str, str]]:
+def fig_tradeoff(doc, out):
+    """Perplexity against measured bits per weight: stored (hollow) and zstd-compressed (filled)."""
+    rows = [r for r in _ok(doc) if r.get("zstd_bpw")]
+    if len(rows) < 2:
+        return None
+    colors = {"base": "k", "stock": "tab:blue", "table": "tab:orange", "radius": "tab:red"}
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for r in rows:
+        c = colors.get(r["kind"], "tab:gray")
+        ax.plot([r["bpw"], r["zstd_bpw"]], [r["ppl"], r["ppl"]], color=c, lw=0.8, alpha=0.6)
+        ax.plot(r["bpw"], r["ppl"], "o", mfc="none", color=c)
+        ax.plot(r["zstd_bpw"], r["ppl"], "o", color=c)
+        ax.annotate(r["name"], (r["zstd_bpw"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    _ppl_axis(ax, rows)
+    ax.set_xlabel("bits per weight: as stored (hollow) → compressed with zstd (filled)")
+    ax.set_title("Perplexity against effective bits per weight\n" + _subtitle(doc), fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, "ppl_vs_bits")
+
+
+def default_damage_variant(doc) -> str | None:
+    """The variant whose damage map is drawn by default: the largest radius, else the last."""
+    rows = [r for r in _ok(doc) if r.get("damage")]
+    radius = [r for r in rows if r["kind"] == "radius"]
+    if radius:
+        return max(radius, key=lambda r: r["radius"])["name"]
+    return rows[-1]["name"] if rows else None
+
+
+def fig_damage(doc, out, name):
+    row = next((r for r in _ok(doc) if r["name"] == name and r.get("damage")), None)
+    if row is None or not (out / row["damage"]).exists():
+        return None
+    tensors = [t for t in json.loads((out / row["damage"]).read_text())["tensors"] if t["layer"] is not None]
+    if not tensors:
+        return None
+    kinds = sorted({t["kind"] for t in tensors}, key=lambda k: (not k.startswith("attn"), k))
+    layers = sorted({t["layer"] for t in tensors})
+    grid = np.full((len(layers), len(kinds)), np.nan)
+    for t in tensors:
+        grid[layers.index(t["layer"]), kinds.index(t["kind"])] = t["rel_rmse"]
+    fig, ax = plt.subplots(figsize=(1.0 * len(kinds) + 2.5, 0.22 * len(layers) + 2))
+    im = ax.imshow(grid, aspect="auto", cmap="magma_r", interpolation="nearest")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right")
+    step = max(1, len(layers) // 16)
+    ax.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)])
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="RMSE / RMS of the base tensor")
+    ax.set_title(f"Where the damage is: {name}\n(weight error per tensor against the base)", fontsize=10)
+    return _save(fig, out, f"damage-{name}")
+
+
+def draw_all(doc: dict, out: Path, damage_variant: str | None = None) -> list[tuple[str, str]]:
     """Every figure the results allow; returns (title, PNG file name) pairs."""
     out = Path(out)
+    damage_variant = damage_variant or default_damage_variant(doc)
     figs = [("Perplexity per variant", fig_perplexity(doc, out)),
+            ("Perplexity against effective bits per weight", fig_tradeoff(doc, out)),
             ("Perplexity against zero radius", fig_radius(doc, out)),
             ("Zero-run histograms", fig_zero_runs(doc, out)),
             ("Stock Q8_0 values (256 bins)", fig_q8_values(doc, out)),
-            ("Table code usage", fig_table_codes(doc, out))]
+            ("Table code usage", fig_table_codes(doc, out)),
+            (f"Weight error per tensor: {damage_variant}", fig_damage(doc, out, damage_variant) if damage_variant else None)]
     for r in _ok(doc):
         if r["kind"] != "base":
             figs.append((f"Value histogram: {r['name']}", fig_values(doc, out, r)))

@@ -10,6 +10,7 @@ from pathlib import Path
 import gguf
 
 from . import assets, paths
+from .analysis import open_model
 from .build import Fork
 from .conf import Table, write_conf
 from .errors import OrchestrateError
@@ -30,10 +31,7 @@ class Base:
 def weight_types(model: Path) -> tuple[set[str], str | None]:
     """The GGML types of the model's matrices and its llama file type (e.g. "Q4_1"),
     read from the GGUF header (memory-mapped)."""
-    try:
-        reader = gguf.GGUFReader(model)
-    except Exception as e:  # gguf raises ValueError/struct errors on a bad file
-        raise OrchestrateError(f"{model} is not a readable GGUF file: {e}") from None
+    reader = open_model(model)
     types = {t.tensor_type.name for t in reader.tensors if len([d for d in t.shape if d > 1]) >= 2}
     field = reader.get_field("general.file_type")
     ftype = None

@@ -5,7 +5,6 @@ import datetime
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 
 from . import plots
@@ -15,7 +14,7 @@ from .sweep import SCHEMA, fmt_ppl, write_json
 # results.csv: one row per variant (documented in README.md)
 CSV_COLUMNS = ["name", "kind", "type", "mode", "radius", "table", "status", "ppl", "ppl_err", "kld", "kld_err",
                "same_top", "same_top_err", "rms_dp", "file_bytes", "bpw", "zero_fraction", "isolated_zero_share",
-               "quantize_seconds", "perplexity_seconds", "reason", "log", "run_dir"]
+               "entropy_bpw", "rle_bpw", "zstd_bpw", "weight_rel_rmse", "table_file", "quantize_seconds", "perplexity_seconds", "reason", "log", "run_dir"]
 
 
 def results_document(exp, inp, model: Path, rows: list[dict]) -> dict:
@@ -49,19 +48,23 @@ def write_csv(doc: dict, path: Path) -> None:
     _write_text(path, buf.getvalue())
 
 
-def copy_histograms(doc: dict, out: Path) -> None:
-    """Bring each variant's histogram JSON into the sweep directory, so it stands alone."""
-    (out / "hist").mkdir(exist_ok=True)
+def copy_artifacts(doc: dict, out: Path) -> None:
+    """Bring each variant's histograms and per-tensor damage into the sweep directory, so it
+    stands alone (figures are redrawn from it)."""
+    for sub in ("hist", "damage"):
+        (out / sub).mkdir(exist_ok=True)
     for row in doc["variants"]:
-        src = Path(row.get("run_dir") or "/nonexistent") / "hist.json"
-        if row["status"] == "ok" and src.exists():
-            dest = out / "hist" / f"{row['name']}.json"
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+        run = Path(row.get("run_dir") or "/nonexistent")
+        row["hist"] = row["damage"] = None
+        if row["status"] != "ok":
+            continue
+        if (run / "hist.json").exists():
+            _write_text(out / "hist" / f"{row['name']}.json", (run / "hist.json").read_text())
             row["hist"] = f"hist/{row['name']}.json"
-        else:
-            row["hist"] = None
+        analysis = json.loads((run / "analysis.json").read_text()) if (run / "analysis.json").exists() else {}
+        if analysis.get("damage"):
+            _write_text(out / "damage" / f"{row['name']}.json", json.dumps(analysis["damage"], indent=1))
+            row["damage"] = f"damage/{row['name']}.json"
 
 
 def _fmt(v, spec: str, empty: str = "–") -> str:
@@ -87,17 +90,20 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
               f"- Fork: `{doc['fork']['id']}` — {doc['fork']['upstream']}; patches: "
               + ", ".join(f"`{x}`" for x in doc["fork"]["patches"]),
               f"- Made: {doc['created']}", "", "## Results", ""]
-    head = "| variant | type | mode | radius | table | perplexity | vs base | bits/weight | zeros | isolated zeros |"
+    head = ("| variant | type | mode | radius | table | perplexity | vs base | bits/weight | zstd bits/weight "
+            "| value entropy (bits) | weight error | zeros | isolated zeros |")
     if p["kld"]:
         head += " KLD | same top token |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | {r.get('type') or ''} | | | | **failed** | | | | |" + (" | |" if p["kld"] else ""))
+            lines.append(f"| {r['name']} | {r.get('type') or ''} | | | | **failed** |" + " |" * (head.count("|") - 7))
             continue
         delta = "" if not base or r is base else ("+" if r["ppl"] >= base["ppl"] else "") + fmt_ppl(r["ppl"] - base["ppl"])
         line = (f"| {r['name']} | {r['type']} | {r['mode']} | {_fmt(r['radius'], 'd', '')} | {r['table'] or ''} | "
                 f"{fmt_ppl(r['ppl'])} ± {fmt_ppl(r['ppl_err'])} | {delta} | {_fmt(r['bpw'], '.3f')} | "
+                f"{_fmt(r.get('zstd_bpw'), '.3f')} | {_fmt(r.get('entropy_bpw'), '.3f')} | "
+                f"{_fmt(r.get('weight_rel_rmse'), '.4f')} | "
                 f"{_fmt(r['zero_fraction'] and 100 * r['zero_fraction'], '.2f')}{'%' if r['zero_fraction'] is not None else ''} | "
                 f"{_fmt(r['isolated_zero_share'] and 100 * r['isolated_zero_share'], '.2f')}{'%' if r['isolated_zero_share'] is not None else ''} |")
         if p["kld"]:
@@ -107,8 +113,11 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
               "Two variants whose difference is smaller than about twice their combined error are not "
               "distinguishable with this much text; score more chunks (`--chunks`) or use `--kld`, which "
               "compares token by token against the base.", "",
-              "*zeros*: share of the variant's quantized values (of its main type) stored as 0; "
-              "*isolated zeros*: share of those zeros that have no zero neighbour in their row (runs of length 1).", ""]
+              "*bits/weight*: tensor data as stored; *zstd bits/weight*: the same bytes compressed with zstd "
+              "(level 3), measured; *value entropy*: Shannon entropy of the stored values of the variant's main "
+              "type, in bits per weight (scales not included); *weight error*: RMSE of all weights against the "
+              "base, relative to the base's RMS; *zeros*: share of the main type's values stored as 0; "
+              "*isolated zeros*: share of those zeros with no zero neighbour in their row (runs of length 1).", ""]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["## Failures", ""] + [f"- `{r['name']}`: {r['reason']}" + (f" (log: `{r['log']}`)" if r.get("log") else "")
@@ -123,15 +132,15 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_all(doc: dict, out: Path) -> None:
-    copy_histograms(doc, out)
+def write_all(doc: dict, out: Path, damage_variant: str | None = None) -> None:
+    copy_artifacts(doc, out)
     write_json(out / "results.json", doc)
     write_csv(doc, out / "results.csv")
-    figures = plots.draw_all(doc, out)
+    figures = plots.draw_all(doc, out, damage_variant)
     _write_text(out / "report.md", render_report(doc, figures))
 
 
-def redraw(out: Path) -> list[tuple[str, str]]:
+def redraw(out: Path, damage_variant: str | None = None) -> list[tuple[str, str]]:
     """`orchestrate plot DIR`: figures and report again from results.json."""
     path = Path(out) / "results.json"
     if not path.exists():
@@ -139,6 +148,6 @@ def redraw(out: Path) -> list[tuple[str, str]]:
     doc = json.loads(path.read_text())
     if doc.get("schema") != SCHEMA:
         raise OrchestrateError(f"{path} is not a sweep results file (schema {doc.get('schema')!r})")
-    figures = plots.draw_all(doc, Path(out))
+    figures = plots.draw_all(doc, Path(out), damage_variant)
     _write_text(Path(out) / "report.md", render_report(doc, figures))
     return figures

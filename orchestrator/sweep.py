@@ -26,6 +26,7 @@ from .quantize import Base, run_quantize
 from .runner import Progress, clean_env, run_logged
 
 SCHEMA = "orchestrate.sweep/1"
+RUN_FORMAT = 2  # bump when a run directory's contents change, so older runs are not reused
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def read_json(path: Path):
 
 def run_key(inp: Inputs, v: Variant) -> str:
     determined_by = {
-        "base": inp.base_id, "fork": inp.fork.id, "variant": v.spec(),
+        "format": RUN_FORMAT, "base": inp.base_id, "fork": inp.fork.id, "variant": v.spec(),
         "perplexity": {"text": inp.text_id, "ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld},
     }
     return hashlib.sha256(json.dumps(determined_by, sort_keys=True).encode()).hexdigest()[:16]
@@ -154,17 +155,22 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: Path | Non
             return read_json(result_path)
         for leftover in list(run.glob(".quantize-*")) + list(run.glob(".*.partial")) + list(run.glob(".*.tmp")):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        qjson, pjson = run / "quantize.json", run / "perplexity.json"
-        if v.kind != "base" and (not qjson.exists() or (not pjson.exists() and not model.exists())):
+        qjson, pjson, ajson = run / "quantize.json", run / "perplexity.json", run / "analysis.json"
+        needs_model = not pjson.exists() or not ajson.exists()
+        if v.kind != "base" and (not qjson.exists() or (needs_model and not model.exists())):
             step(v, "quantize")
             write_json(qjson, _quantize_step(inp, v, run))
+        if not ajson.exists():
+            step(v, "analyse")
+            write_json(ajson, analyse(inp, v, model))
         if not pjson.exists() or (logits is not None and not logits.exists()):
             if inp.kld and v.kind != "base" and (kld_base is None or not kld_base.exists()):
                 raise StepError("no KL-divergence base logits (the base variant failed)", run / "perplexity.log")
             step(v, "perplexity")
             write_json(pjson, score(inp, model, run, kld_base=None if v.kind == "base" else kld_base,
                                     save_logits=logits))
-        result = assemble(inp, v, run, read_json(qjson) if v.kind != "base" else None, read_json(pjson))
+        result = assemble(inp, v, run, read_json(qjson) if v.kind != "base" else None, read_json(pjson),
+                          read_json(ajson))
         write_json(result_path, result)
         return result
     finally:
@@ -173,7 +179,18 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: Path | Non
         lock.release()
 
 
-def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict) -> dict:
+def analyse(inp: Inputs, v: Variant, model: Path) -> dict:
+    """Compressibility measured from the file, and the damage to each tensor against the base."""
+    from .analysis import compressibility, damage
+    try:
+        out = compressibility(model, v.qtype or "F16")
+        out["damage"] = None if v.kind == "base" else damage(inp.base.path, model)
+    except (OrchestrateError, ValueError) as e:
+        raise StepError(f"analysis of {model.name} failed: {e}", model) from None
+    return out
+
+
+def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict, a: dict) -> dict:
     spec = v.spec()
     row = {"name": v.name, "kind": v.kind, "type": v.qtype or f"base ({'F16 upcast of ' + inp.base.upcast_from if inp.base.upcast_from else 'as given'})",
            "mode": spec["mode"], "radius": v.radius, "table": v.table.name if v.table else None, "status": "ok",
@@ -186,6 +203,9 @@ def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict) -> dic
     if q:
         hist = read_json(run / "hist.json")
         row["zero_fraction"], row["isolated_zero_share"] = zero_stats(hist, v.qtype)
+    row.update(entropy_bpw=a["entropy_bpw"], rle_bpw=a["rle_bpw"], zstd_bpw=a["zstd_bpw"],
+               weight_rel_rmse=a["damage"]["model_rel_rmse"] if a["damage"] else None,
+               table_file=str(v.table.path) if v.table else None)
     row.update(quantize_seconds=q["seconds"] if q else 0.0, perplexity_seconds=p["seconds"],
                commands=([q["command"]] if q else []) + [p["command"]], run_dir=str(run))
     return row
@@ -221,9 +241,31 @@ class Display:
         self.progress.done(f"[{self.i}/{self.n}] {v.name}: {msg}")
 
 
-def run_sweep(exp: Experiment, inp: Inputs, keep_models: bool = False) -> list[dict]:
+def fit_tables(variants: list[Variant], inp: Inputs, out: Path) -> list[Variant]:
+    """Fit the tables named balanced-fit/optimal to the base's own Q8_0 histogram, and keep
+    them as .table files in the sweep directory."""
+    from dataclasses import replace
+
+    from .tables import fit, measured_histogram, write_table
+    hist = measured_histogram(inp.fork, inp.base.path, inp.base_id, inp.threads)
+    done = []
+    for v in variants:
+        if v.fit:
+            note = f"{v.fit} table fitted to the Q8_0 values of {inp.base.path.name} (sha256 {inp.base_id[:16]})"
+            v = replace(v, table=write_table(fit(v.fit, hist), out / "tables" / f"{v.fit}.table", note))
+        done.append(v)
+    return done
+
+
+def run_sweep(exp: Experiment, inp: Inputs, out: Path, keep_models: bool = False) -> list[dict]:
     """Every variant, in order (the base first: with --kld it provides the logits)."""
     variants = exp.variants()
+    fitted_error = None
+    if any(v.fit for v in variants):
+        try:
+            variants = fit_tables(variants, inp, out)
+        except OrchestrateError as e:
+            fitted_error = e
     display = Display(variants)
     rows = []
     kld_base = None
@@ -235,6 +277,8 @@ def run_sweep(exp: Experiment, inp: Inputs, keep_models: bool = False) -> list[d
             worked.append(what)
             display.step(var, what)
         try:
+            if v.fit and v.table is None:
+                raise OrchestrateError(f"could not fit the {v.fit} table: {fitted_error}")
             row = run_variant(inp, v, keep_models, kld_base, step)
         except OrchestrateError as e:
             row = failed_row(v, e)
@@ -255,7 +299,7 @@ def kld_size_estimate(base: Path, inp_chunks: int, ctx: int) -> int | None:
 
 
 def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | None, kld: bool = False,
-          keep_models: bool = False, threads: int | None = None) -> tuple[Path, dict]:
+          keep_models: bool = False, threads: int | None = None, damage_variant: str | None = None) -> tuple[Path, dict]:
     """The main job: build if needed, prepare the base, run every variant, write the report."""
     from . import assets, build, report
     from .fetch import sha256_of
@@ -284,9 +328,9 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
             where = paths.cache_dir() / "runs"
             print(f"note: --kld stores the base's logits once ({'about %.1f GB' % (size / 1e9) if size else 'size unknown: all chunks'}) "
                   f"under {where}", flush=True)
-        rows = run_sweep(exp, inp, keep_models)
+        rows = run_sweep(exp, inp, out, keep_models)
         doc = report.results_document(exp, inp, model, rows)
-        report.write_all(doc, out)
+        report.write_all(doc, out, damage_variant)
     finally:
         lock.release()
     return out, doc

@@ -71,3 +71,21 @@ def demo_base(fork):
 def demo_text():
     from orchestrator import assets
     return assets.demo_text()
+
+
+@pytest.fixture(scope="session")
+def q(fork, demo_base, tmp_path_factory):
+    """quantize(name, TYPE, ...) -> (model, histogram json or None), each made once a session."""
+    d = tmp_path_factory.mktemp("quant")
+    made = {}
+
+    def run(name, qtype, hist=True, **kw):
+        if name not in made:
+            out, h = d / f"{name}.gguf", (d / f"{name}.json" if hist else None)
+            from orchestrator.quantize import run_quantize
+            run_quantize(fork, demo_base, out, qtype, hist=h, progress=False, **kw)
+            made[name] = (out, h)
+        return made[name]
+    return run
+
+

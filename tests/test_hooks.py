@@ -11,25 +11,9 @@ import pytest
 from conftest import orchestrate
 from orchestrator import analysis, conf
 from orchestrator.parse import parse_perplexity
-from orchestrator.quantize import run_quantize
 
 TABLES = Path(__file__).resolve().parent.parent / "conf" / "tables"
 BAD = sorted((Path(__file__).parent / "data" / "bad_confs").glob("*.conf"))
-
-
-@pytest.fixture(scope="session")
-def q(fork, demo_base, tmp_path_factory):
-    """quantize(name, TYPE, ...) -> (model, histogram json or None), each made once a session."""
-    d = tmp_path_factory.mktemp("quant")
-    made = {}
-
-    def run(name, qtype, hist=True, **kw):
-        if name not in made:
-            out, h = d / f"{name}.gguf", (d / f"{name}.json" if hist else None)
-            run_quantize(fork, demo_base, out, qtype, hist=h, progress=False, **kw)
-            made[name] = (out, h)
-        return made[name]
-    return run
 
 
 def tensors(path):

@@ -36,7 +36,8 @@ def by_name(doc):
 def test_every_variant_scored(swept):
     out, doc, _ = swept
     rows = by_name(doc)
-    assert list(rows) == ["base", "q4_0", "q8_0", "q8_0-basic", "q8_0-balanced", "q4_0-r0", "q4_0-r1", "q4_0-r2"]
+    assert list(rows) == ["base", "q4_0", "q8_0", "q8_0-basic", "q8_0-balanced", "q8_0-balanced-fit", "q8_0-optimal",
+                          "q4_0-r0", "q4_0-r1", "q4_0-r2"]
     for r in rows.values():
         assert r["status"] == "ok" and math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["ppl_err"] > 0, r["name"]
         assert len(r["ppl_chunks"]) == 3 and r["ppl_chunks"][-1] == r["ppl"]
@@ -66,11 +67,11 @@ def test_zeros_grow_with_radius_and_match_the_histograms(swept):
 def test_outputs_figures_and_report(swept):
     out, doc, res = swept
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("name,kind,type,mode,radius,table,status,ppl,ppl_err") and len(csv_lines) == 9
+    assert csv_lines[0].startswith("name,kind,type,mode,radius,table,status,ppl,ppl_err") and len(csv_lines) == 11
     pngs = sorted(out.glob("*.png"))
     names = {p.stem for p in pngs}
-    assert {"perplexity", "perplexity_vs_radius", "zero_runs", "q8_0_values", "table_codes",
-            "values-q4_0-r1", "values-q8_0-balanced"} <= names
+    assert {"perplexity", "perplexity_vs_radius", "zero_runs", "q8_0_values", "table_codes", "ppl_vs_bits",
+            "damage-q4_0-r2", "values-q4_0-r1", "values-q8_0-balanced", "values-q8_0-optimal"} <= names
     import matplotlib.image
     for p in pngs:
         assert p.read_bytes()[:8] == PNG
@@ -100,7 +101,7 @@ def test_second_run_starts_no_llama_process(swept, fork):
         for b, m in zip(bins, modes):
             b.chmod(m)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stderr.count("(cached)") == 8
+    assert res.stderr.count("(cached)") == 10
     again = json.loads((out / "results.json").read_text())
     assert [r["ppl"] for r in again["variants"]] == [r["ppl"] for r in doc["variants"]]
 
@@ -142,8 +143,9 @@ def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path):
         assert a["ppl_chunks"] == pytest.approx(b["ppl_chunks"], rel=1e-9)
     for r in resumed["variants"][1:]:
         a, b = (json.loads((d / r["hist"]).read_text()) for d in (out2, out))
-        for h in (a, b):
-            del h["config"]["file"]  # the per-run temporary configuration file
+        for h in (a, b):  # where the run's configuration and table files were differs between sweeps
+            for key in ("file", "table_file", "table_mode"):
+                h["config"].pop(key, None)
         assert a == b, r["name"]
 
 
@@ -169,7 +171,8 @@ def test_a_failing_variant_is_reported_and_the_rest_goes_on(swept, tmp_path):
 
 def test_experiment_files_are_validated(tmp_path):
     assert [v.name for v in experiment.load_experiment().variants()] == [
-        "base", "q4_0", "q8_0", "q8_0-basic", "q8_0-balanced", "q4_0-r0", "q4_0-r1", "q4_0-r2", "q4_0-r3"]
+        "base", "q4_0", "q8_0", "q8_0-basic", "q8_0-balanced", "q8_0-balanced-fit", "q8_0-optimal",
+        "q4_0-r0", "q4_0-r1", "q4_0-r2", "q4_0-r3"]
     assert experiment.parse_radius("0..3") == [0, 1, 2, 3]
     assert experiment.parse_radius("3,1") == [1, 3] and experiment.parse_radius("2") == [2]
     for bad in ("0..9", "a", "1,,2", "-1"):

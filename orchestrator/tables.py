@@ -1,0 +1,151 @@
+"""Translation tables fitted to a model's own Q8_0 value distribution.
+
+- balanced-fit: 16 contiguous int8 ranges of (as near as possible) equal probability mass,
+  each level chosen as the thesis did: the range's end nearest zero, the two extreme ranges
+  their outermost Q8_0 value (-127, 127).
+- optimal: the 16 ranges and integer levels that minimise the expected squared error of the
+  int8 values (Lloyd-Max / 1-D k-means), found exactly by dynamic programming over contiguous
+  ranges (in one dimension an optimal quantizer's cells are intervals): no random restarts.
+Both are deterministic functions of the 256-bin histogram (values -128..127).
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from .conf import Table, load_table
+
+VALUES = np.arange(-128, 128)
+K = 16
+
+
+def _partition(cost: np.ndarray) -> list[tuple[int, int]]:
+    """Split 0..n-1 into K contiguous non-empty segments minimising the sum of cost[i, j]
+    (the cost of segment i..j inclusive). Exact; ties broken towards earlier cuts."""
+    n = cost.shape[0]
+    best = np.full((K + 1, n + 1), np.inf)
+    arg = np.zeros((K + 1, n + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for k in range(1, K + 1):
+        for j in range(k, n + 1):  # first j values in k segments; the last is i..j-1
+            i = np.arange(k - 1, j)
+            total = best[k - 1, i] + cost[i, j - 1]
+            m = int(np.argmin(total))
+            best[k, j], arg[k, j] = total[m], i[m]
+    cuts, j = [], n
+    for k in range(K, 0, -1):
+        i = int(arg[k, j])
+        cuts.append((i, j - 1))
+        j = i
+    return cuts[::-1]
+
+
+def _prefix(h: np.ndarray):
+    w = np.concatenate([[0.0], np.cumsum(h)])
+    wx = np.concatenate([[0.0], np.cumsum(h * VALUES)])
+    wxx = np.concatenate([[0.0], np.cumsum(h * VALUES.astype(float) ** 2)])
+    return w, wx, wxx
+
+
+def _check(h) -> np.ndarray:
+    h = np.asarray(h, dtype=float)
+    if h.shape != (256,) or (h < 0).any() or h.sum() <= 0:
+        raise ValueError("a Q8_0 histogram has 256 non-negative counts (values -128..127), not all zero")
+    return h / h.sum()
+
+
+def fit_balanced(hist, name: str = "balanced-fit") -> Table:
+    p = _check(hist)
+    w, _, _ = _prefix(p)
+    i, j = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    mass = np.where(j >= i, w[np.minimum(j + 1, 256)] - w[i], np.inf)
+    cost = (mass - 1.0 / K) ** 2  # sum of squared deviations from equal mass
+    segs = _partition(cost)
+    levels = []
+    for c, (a, b) in enumerate(segs):
+        lo, hi = int(VALUES[a]), int(VALUES[b])
+        if c == 0:
+            level = -127 if hi >= -127 else -128       # outermost Q8_0 value
+        elif c == K - 1:
+            level = 127
+        else:
+            level = 0 if lo <= 0 <= hi else (hi if hi < 0 else lo)  # the end nearest zero
+        levels.append(level)
+    return _table(name, segs, levels)
+
+
+def fit_optimal(hist, name: str = "optimal") -> Table:
+    p = _check(hist)
+    w, wx, wxx = _prefix(p)
+    i, j = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    jj = np.minimum(j + 1, 256)
+    W, S, Q = w[jj] - w[i], wx[jj] - wx[i], wxx[jj] - wxx[i]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(W > 0, S / W, 0.0)
+    level = np.round(mean)
+    # squared error of a segment stored as its nearest-integer mean (the best integer level)
+    cost = np.where(j >= i, np.maximum(Q - 2 * level * S + level ** 2 * W, 0.0), np.inf)
+    segs = _partition(cost)
+    levels = []
+    for a, b in segs:
+        if W[a, b] > 0:
+            levels.append(int(np.clip(np.round(S[a, b] / W[a, b]), VALUES[a], VALUES[b])))
+        else:
+            levels.append(int(VALUES[a]))  # an empty range: any level inside it keeps the order
+    return _table(name, segs, levels)
+
+
+def _table(name: str, segs, levels) -> Table:
+    lo = tuple(int(VALUES[a]) for a, _ in segs)
+    hi = tuple(int(VALUES[b]) for _, b in segs)
+    return Table(name, Path(f"{name}.table"), lo, hi, tuple(levels))
+
+
+def expected_sq_error(table: Table, hist) -> float:
+    """E[(q - level[code(q)])^2] under the histogram, in squared int8 units."""
+    p = _check(hist)
+    out = table.translate(VALUES.astype(np.int16).clip(-128, 127).astype(np.int8)).astype(float)
+    return float((p * (VALUES - out) ** 2).sum())
+
+
+def code_masses(table: Table, hist) -> np.ndarray:
+    p = _check(hist)
+    return np.array([p[lo + 128:hi + 129].sum() for lo, hi in zip(table.lo, table.hi)])
+
+
+def write_table(table: Table, path: Path, note: str) -> Table:
+    """Write a .table file (atomically) and read it back with the validating loader."""
+    import os
+    import tempfile
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {note}", "# code  lo  hi  level"]
+    lines += [f"{c - 8:3d} {a:5d} {b:5d} {lev:5d}" for c, (a, b, lev) in enumerate(zip(table.lo, table.hi, table.level))]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return load_table(path, table.name)
+
+
+FITTED = ("balanced-fit", "optimal")
+
+
+def measured_histogram(fork, base: Path, base_id: str, threads: int | None = None) -> np.ndarray:
+    """The model's plain-Q8_0 value histogram, from the hooks (quantized once, cached)."""
+    import json
+    import tempfile
+
+    from . import paths
+    from .quantize import run_quantize
+    dest = paths.cache_dir() / "q8_0-hist" / f"{base_id[:16]}-{fork.id}.json"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            run_quantize(fork, base, Path(tmp) / "q8_0.gguf", "Q8_0", hist=dest, threads=threads,
+                         progress=False, log_path=Path(tmp) / "quantize.log")
+    return np.array(json.loads(dest.read_text())["model"]["q8_0"]["values"], dtype=np.int64)
+
+
+def fit(name: str, hist) -> Table:
+    return {"balanced-fit": fit_balanced, "optimal": fit_optimal}[name](hist, name)

@@ -1,0 +1,138 @@
+"""Measurements made in Python from GGUF files: on small crafted tensors with hand-computed
+answers, and against the hooks' own histograms on the demo model."""
+
+import json
+import math
+import tracemalloc
+
+import gguf
+import numpy as np
+import pytest
+
+from orchestrator import analysis
+
+T = gguf.GGMLQuantizationType
+
+
+def q4_0_bytes(rows, scale=1.0):
+    """Raw Q4_0 rows from centred values (logical order), 32 per block."""
+    out = []
+    for vals in rows:
+        row = b""
+        for i in range(0, len(vals), 32):
+            v = np.array(vals[i:i + 32]) + 8
+            qs = (v[:16] | (v[16:] << 4)).astype(np.uint8)
+            row += np.float16(scale).tobytes() + qs.tobytes()
+        out.append(np.frombuffer(row, dtype=np.uint8))
+    return np.stack(out)
+
+
+def q8_0_bytes(rows, scale=1.0):
+    out = []
+    for vals in rows:
+        row = b""
+        for i in range(0, len(vals), 32):
+            row += np.float16(scale).tobytes() + np.array(vals[i:i + 32], dtype=np.int8).tobytes()
+        out.append(np.frombuffer(row, dtype=np.uint8))
+    return np.stack(out)
+
+
+def write_gguf(path, tensors):
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, data, dtype in tensors:
+        if dtype in (T.F32, T.F16):
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_dtype=dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+ROW0 = [0] * 5 + [1] * 10 + [0] + [-8] * 16   # zero runs of 5 and 1
+ROW1 = [0] * 32                              # one run of 32 (>= 16)
+Q8ROW = [0, 0, 7, 0, 127, -127] + [3] * 26   # zero runs of 2 and 1
+
+
+@pytest.fixture
+def crafted(tmp_path):
+    return write_gguf(tmp_path / "crafted.gguf", [
+        ("blk.0.attn_q.weight", q4_0_bytes([ROW0, ROW1]), T.Q4_0),
+        ("blk.0.ffn_up.weight", q8_0_bytes([Q8ROW]), T.Q8_0),
+        ("output_norm.weight", np.ones(32, dtype=np.float32), T.F32),
+    ])
+
+
+def test_crafted_q4_0_by_hand(crafted):
+    t = {t.name: t for t in analysis.open_model(crafted).tensors}["blk.0.attn_q.weight"]
+    counts, bin_min = analysis.value_counts(t)
+    assert bin_min == -8
+    expect = np.zeros(16, dtype=int)
+    expect[0 + 8], expect[1 + 8], expect[-8 + 8] = 38, 10, 16
+    assert counts.tolist() == expect.tolist()
+    h = analysis.tensor_hist(t)
+    runs = [0] * 16
+    runs[0], runs[4], runs[15] = 1, 1, 1  # runs of 1, 5 and >= 16
+    assert h.zero_runs.tolist() == runs and h.values.tolist() == expect.tolist()
+    p = [38 / 64, 10 / 64, 16 / 64]
+    assert analysis.entropy_bits(counts) == pytest.approx(-sum(x * math.log2(x) for x in p))
+    # 26 literals of 1 + 4 bits; runs 5, 1 (one token each) and 32 (two tokens) of 1 + 4 bits
+    assert analysis.rle_bits(t) == 26 * 5 + 4 * 5
+
+
+def test_crafted_q8_0_and_whole_file(crafted):
+    t = {t.name: t for t in analysis.open_model(crafted).tensors}["blk.0.ffn_up.weight"]
+    counts, bin_min = analysis.value_counts(t)
+    assert bin_min == -128
+    assert {v + bin_min: int(c) for v, c in enumerate(counts) if c} == {0: 3, 7: 1, 127: 1, -127: 1, 3: 26}
+    assert analysis.rle_bits(t) == 29 * 9 + 2 * 5
+    c = analysis.compressibility(crafted, "Q8_0")
+    assert c["rle_bpw"] == (29 * 9 + 2 * 5) / 32 and c["main_zero_fraction"] == 3 / 32
+    assert c["entropy_bpw"] == pytest.approx(analysis.entropy_bits(counts))
+    assert 0 < c["zstd_bpw"] < 64
+
+
+def test_damage_by_hand(tmp_path):
+    base_rows = np.ones((2, 32), dtype=np.float32)
+    base_rows[:, 7] = 2.0
+    base = write_gguf(tmp_path / "base.gguf", [("blk.3.ffn_up.weight", base_rows, T.F32)])
+    quant = write_gguf(tmp_path / "q.gguf", [("blk.3.ffn_up.weight", q8_0_bytes([[2] * 32, [2] * 32], 0.5), T.Q8_0)])
+    d = analysis.damage(base, quant)
+    (row,) = d["tensors"]
+    assert (row["layer"], row["kind"]) == (3, "ffn_up")
+    # every weight becomes 1.0: error 1 at the two 2.0s; reference sum of squares 2 * (31 + 4)
+    assert row["rel_rmse"] == pytest.approx(math.sqrt(2 / 70)) and d["model_rel_rmse"] == row["rel_rmse"]
+
+
+def test_python_counts_agree_with_the_hooks_on_the_demo(q):
+    for name, qtype, kw in (("r2-t2", "Q4_0", {"pablo": True, "radius": 2, "threads": 2}),
+                            ("simple-hist-Q8_0", "Q8_0", {})):
+        model, hist = q(name, qtype, **kw)
+        doc = json.loads(hist.read_text())
+        by_name = {e["name"]: e for e in doc["tensors"]}
+        for t in analysis.hooked_tensors(analysis.open_model(model)):
+            counts, _ = analysis.value_counts(t)
+            assert counts.tolist() == by_name[t.name]["values"], t.name
+        c = analysis.compressibility(model, qtype)
+        m = doc["model"][qtype.lower()]
+        assert c["entropy_bpw"] == pytest.approx(analysis.entropy_bits(np.array(m["values"])), abs=1e-12)
+        assert c["main_zero_fraction"] == m["values"][-m["bin_min"]] / m["elements"]
+
+
+def test_analysis_memory_stays_bounded(q, demo_base):
+    model, _ = q("off-Q8_0", "Q8_0", hist=False)
+    size = model.stat().st_size
+    analysis.open_model(model), analysis.open_model(demo_base)  # the readers' metadata is not what we bound
+    tracemalloc.start()
+    try:
+        analysis.compressibility(model, "Q8_0")
+        analysis.damage(demo_base, model)
+        for t in analysis.hooked_tensors(analysis.open_model(model)):
+            analysis.tensor_hist(t)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    bound = 64 << 20  # fixed by the slab size, whatever the model size
+    assert size > 100 << 20 and peak < bound, f"peak {peak / 2**20:.0f} MiB reading a {size / 2**20:.0f} MiB file"
