@@ -14,7 +14,8 @@ from .sweep import SCHEMA, fmt_ppl, write_json
 # results.csv: one row per variant (documented in README.md)
 CSV_COLUMNS = ["name", "kind", "type", "mode", "radius", "table", "status", "ppl", "ppl_err", "kld", "kld_err",
                "same_top", "same_top_err", "rms_dp", "file_bytes", "bpw", "zero_fraction", "isolated_zero_share",
-               "entropy_bpw", "rle_bpw", "zstd_bpw", "weight_rel_rmse", "table_file", "quantize_seconds", "perplexity_seconds", "reason", "log", "run_dir"]
+               "entropy_bpw", "rle_bpw", "zstd_bpw", "weight_rel_rmse", "table_file", "quantize_seconds",
+               "perplexity_seconds", "analysis_seconds", "reason", "log", "run_dir"]
 
 
 def results_document(exp, inp, model: Path, rows: list[dict]) -> dict:

@@ -182,11 +182,13 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: Path | Non
 def analyse(inp: Inputs, v: Variant, model: Path) -> dict:
     """Compressibility measured from the file, and the damage to each tensor against the base."""
     from .analysis import compressibility, damage
+    t0 = time.monotonic()
     try:
         out = compressibility(model, v.qtype or "F16")
         out["damage"] = None if v.kind == "base" else damage(inp.base.path, model)
     except (OrchestrateError, ValueError) as e:
         raise StepError(f"analysis of {model.name} failed: {e}", model) from None
+    out["seconds"] = time.monotonic() - t0
     return out
 
 
@@ -207,6 +209,7 @@ def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict, a: dic
                weight_rel_rmse=a["damage"]["model_rel_rmse"] if a["damage"] else None,
                table_file=str(v.table.path) if v.table else None)
     row.update(quantize_seconds=q["seconds"] if q else 0.0, perplexity_seconds=p["seconds"],
+               analysis_seconds=a.get("seconds"),
                commands=([q["command"]] if q else []) + [p["command"]], run_dir=str(run))
     return row
 
