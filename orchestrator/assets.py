@@ -19,7 +19,7 @@ def _demo_pins() -> dict:
     return yaml.safe_load((paths.conf_dir() / "demo.yaml").read_text())
 
 
-def _write_atomic(dest: Path, data: bytes) -> None:
+def write_atomic(dest: Path, data: bytes) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name + ".")
     with os.fdopen(fd, "wb") as f:
@@ -43,7 +43,7 @@ def _extract(kind: str, transform=None) -> Path:
             if f is None:
                 raise OrchestrateError(f"{archive.name} has no {pin['member']}")
             data = f.read()
-    _write_atomic(dest, transform(data) if transform else data)
+    write_atomic(dest, transform(data) if transform else data)
     return dest
 
 
@@ -66,5 +66,5 @@ def model_id(path: Path) -> str:
     known = json.loads(memo.read_text()) if memo.exists() else {}
     if key not in known:
         known[key] = sha256_of(path)
-        _write_atomic(memo, json.dumps(known, indent=1).encode())
+        write_atomic(memo, json.dumps(known, indent=1).encode())
     return known[key]

@@ -29,8 +29,19 @@ class Base:
 
 
 def weight_types(model: Path) -> tuple[set[str], str | None]:
-    """The GGML types of the model's matrices and its llama file type (e.g. "Q4_1"),
-    read from the GGUF header (memory-mapped)."""
+    """The GGML types of the model's matrices and its llama file type (e.g. "Q4_1"), read
+    from the GGUF header once per file content (gguf takes seconds to parse a tokenizer)."""
+    import json
+    memo = paths.cache_dir() / "model-types" / f"{assets.model_id(model)}.json"
+    if memo.exists():
+        data = json.loads(memo.read_text())
+        return set(data["types"]), data["ftype"]
+    types, ftype = _read_weight_types(model)
+    assets.write_atomic(memo, json.dumps({"types": sorted(types), "ftype": ftype}).encode())
+    return types, ftype
+
+
+def _read_weight_types(model: Path) -> tuple[set[str], str | None]:
     reader = open_model(model)
     types = {t.tensor_type.name for t in reader.tensors if len([d for d in t.shape if d > 1]) >= 2}
     field = reader.get_field("general.file_type")

@@ -133,8 +133,25 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _unchanged(doc: dict, out: Path, damage_variant: str | None) -> bool:
+    """True when results.json already says the same (a fully cached re-run): the figures and
+    report on disk are then still right and drawing them again would only cost time."""
+    path = out / "results.json"
+    if damage_variant or not path.exists() or not (out / "report.md").exists():
+        return False
+    old = json.loads(path.read_text())
+    strip = lambda d: {k: v for k, v in d.items() if k != "created"}  # noqa: E731
+    if strip(old) != strip(doc):
+        return False
+    import re
+    figures = re.findall(r"\]\(([^)]+\.png)\)", (out / "report.md").read_text())
+    return all((out / f).exists() and (out / f).with_suffix(".svg").exists() for f in figures)
+
+
 def write_all(doc: dict, out: Path, damage_variant: str | None = None) -> None:
     copy_artifacts(doc, out)
+    if _unchanged(doc, out, damage_variant):
+        return
     write_json(out / "results.json", doc)
     write_csv(doc, out / "results.csv")
     figures = plots.draw_all(doc, out, damage_variant)
