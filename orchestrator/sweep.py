@@ -17,7 +17,6 @@ from pathlib import Path
 import filelock
 
 from . import paths
-from .analysis import model_stats
 from .build import Fork
 from .errors import OrchestrateError
 from .experiment import Experiment, Variant
@@ -26,7 +25,7 @@ from .quantize import Base, run_quantize
 from .runner import Progress, clean_env, run_logged
 
 SCHEMA = "orchestrate.sweep/1"
-RUN_FORMAT = 2  # bump when a run directory's contents change, so older runs are not reused
+RUN_FORMAT = 3  # bump when a run directory's contents change, so older runs are not reused
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,7 @@ def _quantize_step(inp: Inputs, v: Variant, run: Path) -> dict:
                            log_path=run / "quantize.log")
     except OrchestrateError as e:
         raise StepError(str(e), run / "quantize.log") from None
-    res.update(file_bytes=model.stat().st_size, **model_stats(model))
+    res["file_bytes"] = model.stat().st_size
     return res
 
 
@@ -181,10 +180,10 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: Path | Non
 
 def analyse(inp: Inputs, v: Variant, model: Path) -> dict:
     """Compressibility measured from the file, and the damage to each tensor against the base."""
-    from .analysis import compressibility, damage
+    from .analysis import compressibility, damage, model_stats
     t0 = time.monotonic()
     try:
-        out = compressibility(model, v.qtype or "F16")
+        out = {**model_stats(model), **compressibility(model, v.qtype or "F16")}
         out["damage"] = None if v.kind == "base" else damage(inp.base.path, model)
     except (OrchestrateError, ValueError) as e:
         raise StepError(f"analysis of {model.name} failed: {e}", model) from None
@@ -199,8 +198,8 @@ def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict, a: dic
            "ppl": p["ppl"], "ppl_err": p["ppl_err"], "ppl_chunks": p["chunks"]}
     for k in ("kld", "kld_err", "same_top", "same_top_err", "rms_dp", "rms_dp_err"):
         row[k] = p.get(k)
-    stats = q if q else {**model_stats(inp.base.path), "file_bytes": inp.base.path.stat().st_size}
-    row.update(file_bytes=stats["file_bytes"], bpw=stats["bpw"], elements=stats["elements"])
+    row.update(file_bytes=q["file_bytes"] if q else inp.base.path.stat().st_size, bpw=a["bpw"],
+               elements=a["elements"])
     row["zero_fraction"] = row["isolated_zero_share"] = None
     if q:
         hist = read_json(run / "hist.json")
