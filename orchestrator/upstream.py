@@ -30,6 +30,8 @@ GIT_ENV = {
     "GIT_AUTHOR_EMAIL": "orchestrate@localhost",
     "GIT_COMMITTER_NAME": "orchestrate",
     "GIT_COMMITTER_EMAIL": "orchestrate@localhost",
+    # read-only queries (status) must not rewrite .git/index: llama.cpp's build watches it
+    "GIT_OPTIONAL_LOCKS": "0",
 }
 FIXED_DATE = "2000-01-01T00:00:00+0000"
 
