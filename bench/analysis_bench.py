@@ -7,8 +7,6 @@ process relative to the file size.
 """
 
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile

@@ -84,13 +84,18 @@ def slabs(t):
         yield decode(t, b[start:start + rows * per_row])
 
 
-def zero_runs(vals: np.ndarray, row_len: int) -> np.ndarray:
-    """Counts of runs of 1..15 and >=16 consecutive zeros, restarting at every row."""
+def run_lengths(vals: np.ndarray, row_len: int) -> np.ndarray:
+    """Lengths of the runs of consecutive zeros, in logical order, restarting at every row."""
     z = (vals.reshape(-1, row_len) == 0).astype(np.int8)
     padded = np.zeros((z.shape[0], row_len + 2), dtype=np.int8)
     padded[:, 1:-1] = z
     d = np.diff(padded.reshape(-1))
-    lengths = np.flatnonzero(d == -1) - np.flatnonzero(d == 1)
+    return np.flatnonzero(d == -1) - np.flatnonzero(d == 1)
+
+
+def zero_runs(vals: np.ndarray, row_len: int) -> np.ndarray:
+    """Counts of runs of 1..15 and >=16 consecutive zeros, restarting at every row."""
+    lengths = run_lengths(vals, row_len)
     return np.bincount(np.minimum(lengths, RUN_BINS) - 1, minlength=RUN_BINS)[:RUN_BINS]
 
 
@@ -174,12 +179,8 @@ def rle_bits(t) -> int:
     n = row_length(t)
     literal = run_tokens = 0
     for _, vals in slabs(t):
-        z = (vals.reshape(-1, n) == 0).astype(np.int8)
-        literal += int(z.size - z.sum())
-        padded = np.zeros((z.shape[0], n + 2), dtype=np.int8)
-        padded[:, 1:-1] = z
-        d = np.diff(padded.reshape(-1))
-        lengths = np.flatnonzero(d == -1) - np.flatnonzero(d == 1)
+        lengths = run_lengths(vals, n)
+        literal += int(vals.size - lengths.sum())
         run_tokens += int(((lengths + RUN_TOKEN_MAX - 1) // RUN_TOKEN_MAX).sum())
     return literal * (1 + width) + run_tokens * (1 + 4)
 

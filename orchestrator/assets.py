@@ -1,6 +1,5 @@
 """The built-in demo model and text, and a stable identity for any model file."""
 
-import hashlib
 import json
 import os
 import tarfile

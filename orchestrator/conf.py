@@ -12,7 +12,6 @@ ranges from -128 to 127, strictly increasing int8 levels.
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,9 +217,7 @@ def write_conf(path: Path, pablo: bool, radius: int = 0, table: Table | None = N
         lines.append(f"TABLE_MODE = {Path(table.path).resolve()}")
     if hist_out:
         lines.append(f"HIST_OUT = {Path(hist_out).resolve()}")
+    from .assets import write_atomic
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, ("\n".join(lines) + "\n").encode())
     return path

@@ -15,7 +15,7 @@ from .build import Fork
 from .conf import Table, write_conf
 from .errors import OrchestrateError
 from .parse import parse_quantize, quantize_progress
-from .runner import Progress, clean_env, run_logged
+from .runner import Progress, clean_env, failure_reason, run_logged
 
 FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
 TYPES = ("Q4_0", "Q8_0", "F16")  # what the experiments use; others pass through to llama-quantize
@@ -107,7 +107,7 @@ def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, pablo: bool = Fa
             bar.done()
         text = log_path.read_text(errors="replace")
         if rc != 0 or not tmp_out.exists():
-            raise OrchestrateError(f"llama-quantize failed ({_reason(text)}); log: {log_path}")
+            raise OrchestrateError(f"llama-quantize failed ({failure_reason(text)}); log: {log_path}")
         result = parse_quantize(text)
         if hist:
             if not tmp_hist.exists():
@@ -117,10 +117,3 @@ def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, pablo: bool = Fa
         os.replace(tmp_out, out)
     result.update(command=[str(c) for c in cmd], seconds=seconds, log=str(log_path))
     return result
-
-
-def _reason(text: str) -> str:
-    for line in reversed(text.splitlines()):
-        if "pablo config error" in line or "failed to quantize" in line or "error" in line.lower():
-            return line.split("failed to quantize: ", 1)[-1].strip()
-    return "no error message"

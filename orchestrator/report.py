@@ -4,10 +4,10 @@ import csv
 import datetime
 import io
 import json
-import os
 from pathlib import Path
 
 from . import plots
+from .assets import write_atomic
 from .errors import OrchestrateError
 from .sweep import SCHEMA, fmt_ppl, write_json
 
@@ -35,9 +35,7 @@ def results_document(exp, inp, model: Path, rows: list[dict]) -> dict:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
 def write_csv(doc: dict, path: Path) -> None:

@@ -60,3 +60,12 @@ class Progress:
             self.stream.write("\r\033[K")
         if text:
             print(text, file=self.stream, flush=True)
+
+
+def failure_reason(text: str) -> str:
+    """The line of a tool's output that says why it failed (the last error line, else the last line)."""
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    for line in reversed(lines):
+        if "error" in line.lower() or "failed" in line.lower():
+            return line.split("failed to quantize: ", 1)[-1][-300:]
+    return lines[-1][-300:] if lines else "no output"

@@ -17,12 +17,13 @@ from pathlib import Path
 import filelock
 
 from . import paths
+from .assets import write_atomic
 from .build import Fork
 from .errors import OrchestrateError
 from .experiment import Experiment, Variant
 from .parse import parse_perplexity
 from .quantize import Base, run_quantize
-from .runner import Progress, clean_env, run_logged
+from .runner import Progress, clean_env, failure_reason, run_logged
 
 SCHEMA = "orchestrate.sweep/1"
 RUN_FORMAT = 3  # bump when a run directory's contents change, so older runs are not reused
@@ -54,9 +55,7 @@ def fmt_ppl(v: float) -> str:
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False).encode())
 
 
 def read_json(path: Path):
@@ -76,11 +75,7 @@ def run_dir(inp: Inputs, v: Variant) -> Path:
 
 
 def _tail_reason(log: Path) -> str:
-    lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()] if log.exists() else []
-    for line in reversed(lines):
-        if "error" in line.lower() or "failed" in line.lower():
-            return line[-300:]
-    return lines[-1][-300:] if lines else "no output"
+    return failure_reason(log.read_text(errors="replace")) if log.exists() else "no output"
 
 
 def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, save_logits: Path | None = None) -> dict:

@@ -115,17 +115,11 @@ def code_masses(table: Table, hist) -> np.ndarray:
 
 def write_table(table: Table, path: Path, note: str) -> Table:
     """Write a .table file (atomically) and read it back with the validating loader."""
-    import os
-    import tempfile
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .assets import write_atomic
     lines = [f"# {note}", "# code  lo  hi  level"]
     lines += [f"{c - 8:3d} {a:5d} {b:5d} {lev:5d}" for c, (a, b, lev) in enumerate(zip(table.lo, table.hi, table.level))]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return load_table(path, table.name)
+    write_atomic(Path(path), ("\n".join(lines) + "\n").encode())
+    return load_table(Path(path), table.name)
 
 
 FITTED = ("balanced-fit", "optimal")
