@@ -18,7 +18,6 @@ from .parse import parse_quantize, quantize_progress
 from .runner import Progress, clean_env, failure_reason, run_logged
 
 FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
-TYPES = ("Q4_0", "Q8_0", "F16")  # what the experiments use; others pass through to llama-quantize
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def _read_weight_types(model: Path) -> tuple[set[str], str | None]:
     return types, ftype
 
 
-def prepare_base(model: Path, fork: Fork, log=None) -> Base:
+def prepare_base(model: Path, fork: Fork) -> Base:
     """The model itself if its weights are float; else an F16 upcast made once and cached."""
     model = Path(model)
     if not model.is_file():

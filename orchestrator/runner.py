@@ -33,11 +33,9 @@ def run_logged(cmd: list[str], log, on_line: Callable[[str], None] | None = None
     return rc, time.monotonic() - t0
 
 
-def clean_env(extra: dict | None = None) -> dict:
+def clean_env() -> dict:
     """The environment for a llama.cpp tool: ours decides the hook configuration, not the caller's."""
-    env = {k: v for k, v in os.environ.items() if k not in LLAMA_ENV_DROP}
-    env.update(extra or {})
-    return env
+    return {k: v for k, v in os.environ.items() if k not in LLAMA_ENV_DROP}
 
 
 class Progress:

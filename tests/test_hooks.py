@@ -11,6 +11,7 @@ import pytest
 from conftest import orchestrate
 from orchestrator import analysis, conf
 from orchestrator.parse import parse_perplexity
+from orchestrator.runner import clean_env
 
 TABLES = Path(__file__).resolve().parent.parent / "conf" / "tables"
 BAD = sorted((Path(__file__).parent / "data" / "bad_confs").glob("*.conf"))
@@ -25,9 +26,7 @@ def decoded(t):
 
 
 def run_binary(fork, args, cwd, env=None):
-    import os
-    e = {k: v for k, v in os.environ.items() if k != "PABLO_CONF"}
-    e.update(env or {})
+    e = {**clean_env(), **(env or {})}
     return subprocess.run([str(fork.binary("llama-quantize")), *map(str, args)], cwd=cwd, env=e,
                           capture_output=True, text=True)
 
@@ -138,11 +137,9 @@ def test_inference_is_untouched_by_a_configuration(fork, q, demo_text, tmp_path)
     bad_idea = tmp_path / "radius.conf"
     bad_idea.write_text(f"MODE = pablo\nQ4_0_RADIUS = 3\nTABLE_MODE = {TABLES / 'basic.table'}\n")
     (tmp_path / "pablo.conf").write_text(bad_idea.read_text())
-    import os
     runs = []
     for env in ({}, {"PABLO_CONF": str(bad_idea)}):
-        e = {k: v for k, v in os.environ.items() if k != "PABLO_CONF"}
-        e.update(env)
+        e = {**clean_env(), **env}
         res = subprocess.run([str(fork.binary("llama-perplexity")), "-m", str(model), "-f", str(demo_text),
                               "-c", "128", "--chunks", "4", "-t", "2", "-b", "128"],
                              cwd=tmp_path if env else None, env=e, capture_output=True, text=True)
