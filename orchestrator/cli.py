@@ -1,48 +1,72 @@
-"""The `orchestrate` command line: a thin layer over the pipeline modules."""
+"""The `orchestrate` command line: a thin layer over the pipeline modules.
 
-import functools
+Every path argument means what it means in the user's shell: `~` is expanded and a
+relative path is made absolute against the current directory before anything else runs.
+Whatever goes wrong ends in one line on stderr and a non-zero exit: the message of an
+error the user can act on, or, for anything unexpected, its kind and the path of a log
+with the full trace.
+"""
+
+import datetime
 import json
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import click
 
-from . import build as build_mod
-from . import patches as patches_mod
-from . import paths, upstream
+from . import paths
 from .errors import OrchestrateError
+from .fork import build as build_mod
+from .fork import patches as patches_mod
+from .fork import upstream
 
 
-def friendly(fn):
-    """Turn OrchestrateError into a one-line error and exit code 1."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except OrchestrateError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-    return wrapper
+class UserPath(click.Path):
+    """A path as the user typed it: `~` expanded, made absolute against the current directory."""
+
+    def __init__(self, **kw):
+        super().__init__(path_type=Path, **kw)
+
+    def convert(self, value, param, ctx):
+        value = os.path.abspath(os.path.expanduser(os.fspath(value)))
+        return super().convert(value, param, ctx)
+
+
+def _llama_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            raise OrchestrateError(f"--llama-env takes KEY=VALUE, got '{p}'")
+        env[key] = value
+    return env
+
+
+LLAMA_ENV = click.option("--llama-env", "llama_env", multiple=True, metavar="KEY=VALUE",
+                         help="An environment variable for the llama-* tools (repeatable). Others that "
+                              "change their results (LLAMA_*, GGML_*, PABLO_*) are removed; these are "
+                              "part of each run's cache key.")
 
 
 @click.group()
 @click.version_option(package_name="orchestrate")
-def main():
+def cli():
     """Manage a patched llama.cpp fork for quantization research."""
 
 
-@main.command()
-@click.option("-j", "--jobs", type=int, default=None, help="Parallel compile jobs (default: all cores).")
-@friendly
+@cli.command()
+@click.option("-j", "--jobs", type=click.IntRange(1), default=None, help="Parallel compile jobs (default: all cores).")
 def build(jobs):
     """Fetch the pinned llama.cpp, apply patches/, compile the fork."""
     fork = build_mod.build(jobs=jobs)
     click.echo(fork.build_dir / "bin")
 
 
-@main.command()
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@friendly
 def info(as_json):
     """Where the binaries are, the upstream version and the applied patches."""
     fork = build_mod.current()
@@ -65,7 +89,7 @@ def info(as_json):
     click.echo("patches    " + ("\n           ".join(data["patches"]) or "(none)"))
 
 
-@main.group()
+@cli.group()
 def patches():
     """Manage the patch series in patches/ over vendor/llama.cpp."""
 
@@ -75,7 +99,6 @@ def _vendor_repo():
 
 
 @patches.command("list")
-@friendly
 def patches_list():
     """The series, in order, with each patch's subject."""
     for i, p in enumerate(patches_mod.read_series(paths.patches_dir()), 1):
@@ -83,7 +106,6 @@ def patches_list():
 
 
 @patches.command("status")
-@friendly
 def patches_status():
     """Which patches are applied, and any edits in vendor/ that no patch holds."""
     st = patches_mod.status(_vendor_repo(), paths.patches_dir())
@@ -98,7 +120,6 @@ def patches_status():
 
 
 @patches.command("apply")
-@friendly
 def patches_apply():
     """Apply the whole series in order, each patch a commit on top of upstream."""
     done = patches_mod.apply_series(_vendor_repo(), paths.patches_dir())
@@ -107,7 +128,6 @@ def patches_apply():
 
 @patches.command("unapply")
 @click.option("--discard", is_flag=True, help="Also throw away edits in vendor/ that no patch holds.")
-@friendly
 def patches_unapply(discard):
     """Return vendor/llama.cpp to the pristine upstream."""
     patches_mod.unapply(_vendor_repo(), paths.patches_dir(), discard=discard)
@@ -115,7 +135,6 @@ def patches_unapply(discard):
 
 
 @patches.command("export")
-@friendly
 def patches_export():
     """Write the commits in vendor/llama.cpp back into patches/ (how a patch is edited)."""
     names = patches_mod.export(_vendor_repo(), paths.patches_dir())
@@ -127,7 +146,6 @@ def patches_export():
 @click.option("--sha256", help="sha256 of that sdist (without it the download is not verified).")
 @click.option("--git-url", help="Check against a git repository ...")
 @click.option("--commit", help="... at this commit.")
-@friendly
 def patches_check(sdist_version, sha256, git_url, commit):
     """Dry run: does the whole series apply to the pinned upstream (or another one)?"""
     if sdist_version and git_url:
@@ -146,17 +164,16 @@ def patches_check(sdist_version, sha256, git_url, commit):
     click.echo(f"all {len(names)} patch(es) apply to {pin.ident()}")
 
 
-@main.group()
+@cli.group()
 def conf():
     """pablo.conf hook configuration files."""
 
 
 @conf.command("check")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@friendly
+@click.argument("files", nargs=-1, required=True, type=UserPath())
 def conf_check(files):
     """Validate configuration files with the same rules as the fork's reader."""
-    from .conf import parse_conf
+    from .hooks.conf import parse_conf
     for f in files:
         c = parse_conf(f)
         table = c.table.name if c.table else "off"
@@ -164,106 +181,153 @@ def conf_check(files):
                    f" HIST_OUT={c.hist_out or '(none)'})")
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("base", type=UserPath())
+@click.argument("out", type=UserPath())
 @click.argument("qtype", metavar="TYPE")
 @click.option("--mode", type=click.Choice(["simple", "pablo"]), default=None,
               help="simple: stock values; pablo: the experiments (default: pablo when --radius/--table is given).")
 @click.option("--radius", type=click.IntRange(0, 7), default=0, help="Q4_0 zero radius (pablo mode).")
 @click.option("--table", default=None, help="Q8_0 translation table: a name in conf/tables or a .table file.")
-@click.option("--hist", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the value and zero-run histograms (JSON) here.")
-@click.option("--threads", type=int, default=None, help="llama-quantize threads (default: all cores).")
+@click.option("--hist", type=UserPath(), default=None, help="Write the value and zero-run histograms (JSON) here.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="llama-quantize threads (default: all cores).")
+@LLAMA_ENV
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-@friendly
-def quantize(base, out, qtype, mode, radius, table, hist, threads, extra):
-    """Quantize BASE to OUT as TYPE with the fork's hooks. Extra llama-quantize
-    arguments go after `--`."""
-    from .conf import table_arg
-    from .quantize import prepare_base, run_quantize
+def quantize(base, out, qtype, mode, radius, table, hist, threads, llama_env, extra):
+    """Quantize BASE to OUT as TYPE (any llama-quantize type) with the fork's hooks. Extra
+    llama-quantize arguments go after `--`."""
+    from .hooks.conf import table_arg
+    from .hooks.quantize import canonical_type, needs_imatrix, run_quantize
+    from .study.base import prepare_base
     pablo = mode == "pablo" or (mode is None and (radius > 0 or table is not None))
     tbl = table_arg(table) if table else None
+    for what, p in (("output", out), ("histogram file", hist)):
+        if p is not None and p.is_dir():
+            raise OrchestrateError(f"{what} {p} is a directory; give a file name")
     fork = build_mod.current()
+    qtype = canonical_type(fork, qtype)
     b = prepare_base(base, fork)
+    if "--imatrix" not in extra and needs_imatrix(fork, b.path, b.sha256, qtype):
+        raise OrchestrateError(f"{qtype} needs an importance matrix for {base.name}: pass one after `--` "
+                               "(-- --imatrix FILE)")
     res = run_quantize(fork, b.path, out, qtype, pablo=pablo, radius=radius, table=tbl, hist=hist,
-                       threads=threads, extra=list(extra))
+                       threads=threads, extra=list(extra), env=_llama_env(llama_env))
     size = f"{res['quant_mib']:.2f} MiB" + (f" ({res['quant_bpw']:.2f} BPW)" if "quant_bpw" in res else "")
     click.echo(f"wrote {out}: {size} in {res['seconds']:.1f} s" + (f"; histograms: {hist}" if hist else ""))
 
 
-@main.command()
+@cli.command()
 @click.option("--radius", default=None, help="Zero radii of centred Q4_0: 0..3, 1,3, 2 or none.")
 @click.option("--tables", default=None, help="Q8_0 translation tables: names in conf/tables or .table files, comma-separated, or none.")
-@click.option("--types", default=None, help="Stock quantization types, comma-separated (e.g. Q4_0,Q8_0), or none.")
-@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--types", default=None, help="Stock quantization types, any llama-quantize accepts, comma-separated (e.g. Q4_0,Q4_K_M), or none.")
+@click.option("--config", "config", type=UserPath(), default=None,
               help="Experiment file (default: conf/experiments/thesis.yaml).")
-@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Base model GGUF (default: the built-in demo model).")
-@click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--model", type=UserPath(), default=None, help="Base model GGUF (default: the built-in demo model).")
+@click.option("--text", type=UserPath(), default=None,
               help="Text to score, e.g. wiki.test.raw (default: the built-in demo text).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output directory (default: plots/<experiment>-<model>).")
+@click.option("--out", type=UserPath(), default=None, help="Output directory (default: plots/<experiment>-<model>).")
 @click.option("--ctx", type=click.IntRange(16), default=None, help="Tokens per perplexity chunk (-c).")
 @click.option("--chunks", type=click.IntRange(0), default=None, help="Chunks to score (0 = the whole text).")
 @click.option("--kld", is_flag=True, help="Also KL divergence and same-top-token rate against the base.")
 @click.option("--keep-models", is_flag=True, help="Keep the quantized models after scoring.")
-@click.option("--threads", type=int, default=None, help="Threads for llama-* (default: all cores).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Threads for llama-* (default: all cores).")
 @click.option("--damage", "damage_variant", default=None,
               help="Variant whose per-tensor weight error is drawn as a heat-map (default: the largest radius).")
-@friendly
-def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, keep_models, threads, damage_variant):
+@LLAMA_ENV
+def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, keep_models, threads, damage_variant,
+          llama_env):
     """Quantize and score every variant of an experiment; write results, figures and a report."""
-    from . import experiment, sweep as sweep_mod
+    from .study import experiment
+    from .study import sweep as sweep_mod
     exp = experiment.override(experiment.load_experiment(config), radius=radius, tables=tables, types=types,
                               ctx=ctx, chunks=chunks)
     out_dir, doc = sweep_mod.sweep(exp, model, text, out, kld=kld, keep_models=keep_models, threads=threads,
-                                   damage_variant=damage_variant)
+                                   damage_variant=damage_variant, llama_env=_llama_env(llama_env))
     failed = [r["name"] for r in doc["variants"] if r["status"] != "ok"]
     click.echo(f"report: {out_dir / 'report.md'}")
     if failed:
-        click.echo(f"error: {len(failed)} variant(s) failed: {', '.join(failed)} (see the report)", err=True)
-        sys.exit(1)
+        raise OrchestrateError(f"{len(failed)} variant(s) failed: {', '.join(failed)} (see the report)")
 
 
-@main.command()
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@cli.command()
+@click.argument("directory", type=UserPath())
 @click.option("--damage", "damage_variant", default=None, help="Variant for the weight-error heat-map.")
-@friendly
 def plot(directory, damage_variant):
     """Redraw a sweep's figures and report from its results.json."""
-    from .report import redraw
+    from .report.report import redraw
     for title, path in redraw(directory, damage_variant):
         click.echo(f"{directory / path}  ({title})")
 
 
-@main.group()
+@cli.group()
 def tables():
     """Translation tables for the Q8_0 -> 4-bit experiments."""
 
 
 @tables.command("fit")
-@click.argument("base", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("tables"),
-              help="Where to write the .table files (default: ./tables).")
-@click.option("--threads", type=int, default=None)
-@friendly
+@click.argument("base", type=UserPath())
+@click.option("--out", type=UserPath(), default="tables", help="Where to write the .table files (default: ./tables).")
+@click.option("--threads", type=click.IntRange(1), default=None)
 def tables_fit(base, out, threads):
     """Fit balanced-fit and optimal tables to BASE's own Q8_0 value distribution."""
-    from . import assets
-    from .conf import load_table
-    from .quantize import prepare_base
-    from .tables import code_masses, expected_sq_error, fit, measured_histogram, write_table
+    from .hooks.conf import load_table
+    from .hooks.tables import FITTED, code_masses, expected_sq_error, fit, measured_histogram, write_table
+    from .study.base import prepare_base
+    if out.exists() and not out.is_dir():
+        raise OrchestrateError(f"--out {out} is a file, not a directory")
     fork = build_mod.build(quiet=True)
     b = prepare_base(base, fork)
-    hist = measured_histogram(fork, b.path, assets.model_id(b.path), threads)
-    stem = Path(base).stem
+    hist = measured_histogram(fork, b.path, b.sha256, threads)
     click.echo(f"{'table':<14}{'E[(q - level)^2]':>18}  code masses (%, min..max)")
     shown = [load_table(paths.conf_dir() / "tables" / f"{n}.table", n) for n in ("basic", "balanced")]
-    for name in ("balanced-fit", "optimal"):
-        note = f"{name} table fitted to the Q8_0 values of {Path(base).name} (sha256 {assets.model_id(b.path)[:16]})"
-        shown.append(write_table(fit(name, hist), out / f"{stem}-{name}.table", note))
+    for name in FITTED:
+        note = f"{name} table fitted to the Q8_0 values of {base.name} (sha256 {b.source_sha256[:16]})"
+        shown.append(write_table(fit(name, hist), out / f"{base.stem}-{name}.table", note))
     for t in shown:
         m = 100 * code_masses(t, hist)
-        where = f"  -> {t.path}" if t.name in ("balanced-fit", "optimal") else ""
+        where = f"  -> {t.path}" if t.name in FITTED else ""
         click.echo(f"{t.name:<14}{expected_sq_error(t, hist):>18.3f}  {m.min():.2f}..{m.max():.2f}{where}")
+
+
+def _say(message: str) -> None:
+    """One line on stderr, bytes as they came (a config file's bytes are shown as the C reader shows them)."""
+    line = " ".join(str(message).split())
+    sys.stderr.flush()
+    sys.stderr.buffer.write(f"error: {line}\n".encode("utf-8", "surrogateescape"))
+    sys.stderr.flush()
+
+
+def _trace_log(exc: BaseException) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for d in (paths.cache_dir() / "errors", Path(tempfile.gettempdir())):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            log = d / f"orchestrate-{stamp}-{os.getpid()}.log"
+            log.write_text(f"$ orchestrate {' '.join(sys.argv[1:])}\n" + "".join(traceback.format_exception(exc)),
+                           encoding="utf-8")
+            return log
+        except OSError:
+            continue
+    return Path("(no writable place for a log)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rc = cli.main(args=argv, prog_name="orchestrate", standalone_mode=False)
+    except OrchestrateError as e:
+        _say(e)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        _say("interrupted; run the same command again to resume")
+        sys.exit(130)
+    except click.ClickException as e:  # usage errors: one line, click's exit code
+        _say(e.format_message())
+        sys.exit(e.exit_code)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        _say(f"{e.strerror or e}{where}; full trace: {_trace_log(e)}")
+        sys.exit(1)
+    except Exception as e:
+        _say(f"internal error: {type(e).__name__}: {e}; full trace: {_trace_log(e)}")
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -52,7 +52,7 @@ def tiny_project(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def fork():
     """The real patched fork, built by `orchestrate build` (cached by its stamp and ccache)."""
-    from orchestrator import build
+    from orchestrator.fork import build
     res = orchestrate("build")
     assert res.returncode == 0, res.stdout + res.stderr
     return build.current()
@@ -61,16 +61,17 @@ def fork():
 @pytest.fixture(scope="session")
 def demo_base(fork):
     """The demo model's F16 base (an upcast of its Q4_1 weights), made once and cached."""
-    from orchestrator import assets, quantize
-    base = quantize.prepare_base(assets.demo_model(), fork)
+    from orchestrator import demo
+    from orchestrator.study.base import prepare_base
+    base = prepare_base(demo.demo_model(), fork)
     assert base.upcast_from == "Q4_1"
     return base.path
 
 
 @pytest.fixture(scope="session")
 def demo_text():
-    from orchestrator import assets
-    return assets.demo_text()
+    from orchestrator import demo
+    return demo.demo_text()
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +83,7 @@ def q(fork, demo_base, tmp_path_factory):
     def run(name, qtype, hist=True, **kw):
         if name not in made:
             out, h = d / f"{name}.gguf", (d / f"{name}.json" if hist else None)
-            from orchestrator.quantize import run_quantize
+            from orchestrator.hooks.quantize import run_quantize
             run_quantize(fork, demo_base, out, qtype, hist=h, progress=False, **kw)
             made[name] = (out, h)
         return made[name]

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from orchestrator import analysis
+from orchestrator.study import analysis, stats
 
 T = gguf.GGMLQuantizationType
 
@@ -67,7 +67,7 @@ def crafted(tmp_path):
 
 def test_crafted_q4_0_by_hand(crafted):
     t = {t.name: t for t in analysis.open_model(crafted).tensors}["blk.0.attn_q.weight"]
-    counts, bin_min = analysis.value_counts(t)
+    counts, bin_min = stats.value_counts(t)
     assert bin_min == -8
     expect = np.zeros(16, dtype=int)
     expect[0 + 8], expect[1 + 8], expect[-8 + 8] = 38, 10, 16
@@ -77,20 +77,20 @@ def test_crafted_q4_0_by_hand(crafted):
     runs[0], runs[4], runs[15] = 1, 1, 1  # runs of 1, 5 and >= 16
     assert h.zero_runs.tolist() == runs and h.values.tolist() == expect.tolist()
     p = [38 / 64, 10 / 64, 16 / 64]
-    assert analysis.entropy_bits(counts) == pytest.approx(-sum(x * math.log2(x) for x in p))
+    assert stats.entropy_bits(counts) == pytest.approx(-sum(x * math.log2(x) for x in p))
     # 26 literals of 1 + 4 bits; runs 5, 1 (one token each) and 32 (two tokens) of 1 + 4 bits
-    assert analysis.rle_bits(t) == 26 * 5 + 4 * 5
+    assert stats.rle_bits(t) == 26 * 5 + 4 * 5
 
 
 def test_crafted_q8_0_and_whole_file(crafted):
     t = {t.name: t for t in analysis.open_model(crafted).tensors}["blk.0.ffn_up.weight"]
-    counts, bin_min = analysis.value_counts(t)
+    counts, bin_min = stats.value_counts(t)
     assert bin_min == -128
     assert {v + bin_min: int(c) for v, c in enumerate(counts) if c} == {0: 3, 7: 1, 127: 1, -127: 1, 3: 26}
-    assert analysis.rle_bits(t) == 29 * 9 + 2 * 5
-    c = analysis.compressibility(crafted, "Q8_0")
-    assert c["rle_bpw"] == (29 * 9 + 2 * 5) / 32 and c["main_zero_fraction"] == 3 / 32
-    assert c["entropy_bpw"] == pytest.approx(analysis.entropy_bits(counts))
+    assert stats.rle_bits(t) == 29 * 9 + 2 * 5
+    c = stats.compressibility(crafted, "Q8_0")
+    assert c["rle_bpw"] == (29 * 9 + 2 * 5) / 32
+    assert c["entropy_bpw"] == pytest.approx(stats.entropy_bits(counts))
     assert 0 < c["zstd_bpw"] < 64
 
 
@@ -99,7 +99,7 @@ def test_damage_by_hand(tmp_path):
     base_rows[:, 7] = 2.0
     base = write_gguf(tmp_path / "base.gguf", [("blk.3.ffn_up.weight", base_rows, T.F32)])
     quant = write_gguf(tmp_path / "q.gguf", [("blk.3.ffn_up.weight", q8_0_bytes([[2] * 32, [2] * 32], 0.5), T.Q8_0)])
-    d = analysis.damage(base, quant)
+    d = stats.damage(base, quant)
     (row,) = d["tensors"]
     assert (row["layer"], row["kind"]) == (3, "ffn_up")
     # every weight becomes 1.0: error 1 at the two 2.0s; reference sum of squares 2 * (31 + 4)
@@ -113,12 +113,11 @@ def test_python_counts_agree_with_the_hooks_on_the_demo(q):
         doc = json.loads(hist.read_text())
         by_name = {e["name"]: e for e in doc["tensors"]}
         for t in analysis.hooked_tensors(analysis.open_model(model)):
-            counts, _ = analysis.value_counts(t)
+            counts, _ = stats.value_counts(t)
             assert counts.tolist() == by_name[t.name]["values"], t.name
-        c = analysis.compressibility(model, qtype)
+        c = stats.compressibility(model, qtype)
         m = doc["model"][qtype.lower()]
-        assert c["entropy_bpw"] == pytest.approx(analysis.entropy_bits(np.array(m["values"])), abs=1e-12)
-        assert c["main_zero_fraction"] == m["values"][-m["bin_min"]] / m["elements"]
+        assert c["entropy_bpw"] == pytest.approx(stats.entropy_bits(np.array(m["values"])), abs=1e-12)
 
 
 def test_analysis_memory_stays_bounded(q, demo_base):
@@ -127,8 +126,8 @@ def test_analysis_memory_stays_bounded(q, demo_base):
     analysis.open_model(model), analysis.open_model(demo_base)  # the readers' metadata is not what we bound
     tracemalloc.start()
     try:
-        analysis.compressibility(model, "Q8_0")
-        analysis.damage(demo_base, model)
+        stats.compressibility(model, "Q8_0")
+        stats.damage(demo_base, model)
         for t in analysis.hooked_tensors(analysis.open_model(model)):
             analysis.tensor_hist(t)
         peak = tracemalloc.get_traced_memory()[1]

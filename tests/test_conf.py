@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import conf
+from orchestrator.hooks import conf
 
 DATA = Path(__file__).parent / "data"
 BAD = sorted((DATA / "bad_confs").glob("*.conf"))
@@ -36,6 +36,7 @@ def test_errors_name_the_line(tmp_path):
 def test_key_value_form(tmp_path):
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "basic.table").write_text((TABLES / "basic.table").read_text())
+    (tmp_path / "out").mkdir()
     p = tmp_path / "pablo.conf"
     p.write_text("MODE = pablo   # the experiments\nQ4_0_RADIUS = 3\nTABLE_MODE = basic\nHIST_OUT = out/h.json\n")
     c = conf.parse_conf(p)

@@ -4,7 +4,8 @@ import json
 import subprocess
 
 from conftest import orchestrate
-from orchestrator import build, paths
+from orchestrator import paths
+from orchestrator.fork import build
 
 
 def test_built_binaries_run_and_are_the_fork(fork):

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import orchestrate
-from orchestrator import analysis, conf
+from orchestrator.hooks import conf
+from orchestrator.study import analysis
 from orchestrator.parse import parse_perplexity
-from orchestrator.runner import clean_env
+from orchestrator.proc import clean_env
 
 TABLES = Path(__file__).resolve().parent.parent / "conf" / "tables"
 BAD = sorted((Path(__file__).parent / "data" / "bad_confs").glob("*.conf"))
@@ -177,14 +178,14 @@ def test_legacy_file_in_working_directory(fork, demo_base, q, tmp_path):
 
 
 def test_cli_quantize_upcasts_and_cleans_up(fork, tmp_path):
-    from orchestrator import assets
+    from orchestrator import demo
     out = tmp_path / "r1.gguf"
-    res = orchestrate("quantize", assets.demo_model(), out, "Q4_0", "--radius", "1", "--hist", tmp_path / "h.json")
+    res = orchestrate("quantize", demo.demo_model(), out, "Q4_0", "--radius", "1", "--hist", tmp_path / "h.json")
     assert res.returncode == 0, res.stderr
     assert out.exists() and json.loads((tmp_path / "h.json").read_text())["config"]["q4_0_radius"] == 1
-    res = orchestrate("quantize", assets.demo_model(), tmp_path / "bad.gguf", "Q8_0", "--table", "nosuch")
+    res = orchestrate("quantize", demo.demo_model(), tmp_path / "bad.gguf", "Q8_0", "--table", "nosuch")
     assert res.returncode == 1 and res.stderr.startswith("error: unknown table 'nosuch'")
-    res = orchestrate("quantize", assets.demo_model(), tmp_path / "bad.gguf", "NOT_A_TYPE")
+    res = orchestrate("quantize", demo.demo_model(), tmp_path / "bad.gguf", "NOT_A_TYPE")
     assert res.returncode == 1 and "llama-quantize failed" in res.stderr and "log:" in res.stderr
     assert not (tmp_path / "bad.gguf").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")) == ["h.json", "r1.gguf"]

@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from conftest import git, orchestrate
-from orchestrator import upstream
+from orchestrator.fork import upstream
 from orchestrator.errors import OrchestrateError
 
 

@@ -14,7 +14,8 @@ import filelock
 import pytest
 
 from conftest import orchestrate
-from orchestrator import experiment, paths
+from orchestrator import paths
+from orchestrator.study import experiment
 from orchestrator.errors import OrchestrateError
 
 SMALL = ["--radius", "0..2", "--chunks", "3", "--ctx", "128", "--threads", "2"]

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import conf, tables
+from orchestrator.hooks import conf, tables
 
 CONF_TABLES = Path(__file__).resolve().parent.parent / "conf" / "tables"
 Q = np.arange(-128, 128)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import git
 
+from ..errors import OrchestrateError
+from ..files import write_atomic
 from . import upstream
-from .errors import OrchestrateError
 
 SERIES = "series"
 APPLIED, CHANGED, NOT_APPLIED = "applied", "changed since applied", "not applied"
@@ -42,7 +43,7 @@ def read_series(pdir: Path) -> list[Patch]:
     if not series.exists():
         raise OrchestrateError(f"no patch series at {series}")
     out = []
-    for lineno, line in enumerate(series.read_text().splitlines(), 1):
+    for lineno, line in enumerate(series.read_text(encoding="utf-8").splitlines(), 1):
         name = line.split("#", 1)[0].strip()
         if not name:
             continue
@@ -64,10 +65,6 @@ class Status:
     @property
     def drifted(self) -> bool:
         return bool(self.dirty or self.foreign)
-
-    @property
-    def complete(self) -> bool:
-        return not self.drifted and all(s == APPLIED for _, s in self.patches)
 
 
 def _dirty_paths(repo: git.Repo) -> list[str]:
@@ -192,9 +189,7 @@ def export(repo: git.Repo, pdir: Path) -> list[str]:
         names = [f.name for f in files]
         for f in files:
             f.replace(pdir / f.name)
-    series_tmp = pdir / (SERIES + ".tmp")
-    series_tmp.write_text("".join(n + "\n" for n in names))
-    series_tmp.replace(pdir / SERIES)
+    write_atomic(pdir / SERIES, "".join(n + "\n" for n in names))
     for name in set(old) - set(names):
         (pdir / name).unlink(missing_ok=True)
     commits = upstream.commits_since_upstream(repo)

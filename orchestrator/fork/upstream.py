@@ -6,7 +6,6 @@ first commit is the pristine upstream tree, tagged `upstream`, so every later ch
 """
 
 import io
-import json
 import shutil
 import tarfile
 import tempfile
@@ -16,9 +15,10 @@ from pathlib import Path
 import git
 import yaml
 
-from . import paths
-from .errors import OrchestrateError
-from .fetch import fetch_package
+from .. import paths
+from ..errors import OrchestrateError
+from ..fetch import fetch_package
+from ..files import read_json, write_json
 
 UPSTREAM_TAG = "upstream"
 STATE_FILE = "orchestrate.json"  # inside .git/: which patches are applied as which commits
@@ -60,7 +60,7 @@ def pin_file() -> Path:
 def load_pin(path: Path | None = None) -> Pin:
     path = path or pin_file()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise OrchestrateError(f"cannot read upstream pin {path}: {e}") from None
     source = (data or {}).get("source")
@@ -159,14 +159,11 @@ def read_state(repo: git.Repo) -> dict:
     path = Path(repo.git_dir) / STATE_FILE
     if not path.exists():
         return {"pin": None, "applied": []}
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def write_state(repo: git.Repo, state: dict) -> None:
-    path = Path(repo.git_dir) / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(path)
+    write_json(Path(repo.git_dir) / STATE_FILE, state)
 
 
 def ensure_vendor(pin: Pin, vendor: Path | None = None) -> git.Repo:

@@ -1,4 +1,9 @@
-"""Experiment files (conf/experiments/*.yaml): which variants a sweep quantizes and scores."""
+"""Experiment files (conf/experiments/*.yaml): which variants a sweep quantizes and scores.
+
+A table given as a file in an experiment file is relative to that file's directory; on the
+command line, to the current directory. Variant names must be unique (case-insensitively:
+they name files), which is checked before any work starts.
+"""
 
 import re
 from dataclasses import dataclass, field, replace
@@ -6,10 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from . import paths
-from .conf import Table, table_arg
-from .tables import FITTED
-from .errors import OrchestrateError
+from .. import paths
+from ..errors import OrchestrateError
+from ..hooks.conf import Table, table_arg
+from ..hooks.tables import FITTED
 
 KEYS = {"name", "description", "types", "tables", "radius", "perplexity"}
 PPL_KEYS = {"ctx", "chunks"}
@@ -42,6 +47,7 @@ class Experiment:
     ctx: int = 512
     chunks: int = 20
     description: str = ""
+    table_dir: Path = field(default_factory=Path.cwd)  # what relative table files are relative to
 
     def variants(self) -> list[Variant]:
         out = [Variant("base", "base")]
@@ -50,10 +56,24 @@ class Experiment:
             if name in FITTED:
                 out.append(Variant(f"q8_0-{name}", "table", "Q8_0", True, fit=name))
             else:
-                t = table_arg(name)
+                t = table_arg(name, self.table_dir)
                 out.append(Variant(f"q8_0-{t.name}", "table", "Q8_0", True, table=t))
         out += [Variant(f"q4_0-r{r}", "radius", "Q4_0", True, radius=r) for r in self.radius]
+        seen: dict[str, Variant] = {}
+        for v in out:
+            twin = seen.setdefault(v.name.lower(), v)
+            if twin is not v:
+                what = (f"two tables named '{v.table.name}' ({twin.table.path} and {v.table.path}): rename one file"
+                        if v.table and twin.table else f"'{twin.qtype or twin.name}' and '{v.qtype or v.name}' "
+                        "are the same variant: list it once")
+                raise OrchestrateError(f"two variants would be named {v.name}: {what}")
         return out
+
+    def with_types(self, canonical) -> "Experiment":
+        """The experiment with each stock type spelled as llama-quantize spells it (checked)."""
+        exp = replace(self, types=[canonical(t) for t in self.types])
+        exp.variants()
+        return exp
 
 
 def default_file() -> Path:
@@ -80,11 +100,15 @@ def parse_list(text: str) -> list[str]:
 
 
 def load_experiment(path: Path | None = None) -> Experiment:
-    path = Path(path or default_file())
+    path = Path(path or default_file()).expanduser()
+    if path.is_dir():
+        raise OrchestrateError(f"experiment {path} is a directory, not a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise OrchestrateError(f"cannot read experiment {path}: {e}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise OrchestrateError(f"cannot read experiment {path}: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise OrchestrateError(f"experiment {path} is not valid UTF-8 YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise OrchestrateError(f"{path}: an experiment is a mapping of {', '.join(sorted(KEYS))}")
     unknown = set(data) - KEYS
@@ -108,7 +132,8 @@ def load_experiment(path: Path | None = None) -> Experiment:
                                    + (" >= 16" if key == "ctx" else " >= 0"))
     exp = Experiment(name=str(data.get("name") or path.stem), types=[t.upper() for t in str_list("types")],
                      tables=str_list("tables"), radius=sorted(set(radius)), ctx=ppl.get("ctx", 512),
-                     chunks=ppl.get("chunks", 20), description=str(data.get("description") or "").strip())
+                     chunks=ppl.get("chunks", 20), description=str(data.get("description") or "").strip(),
+                     table_dir=path.resolve().parent)
     exp.variants()  # resolves the tables now: a bad name is an error before any work starts
     return exp
 
@@ -120,7 +145,7 @@ def override(exp: Experiment, radius: str | None = None, tables: str | None = No
     if radius is not None:
         changes["radius"] = parse_radius(radius)
     if tables is not None:
-        changes["tables"] = parse_list(tables)
+        changes["tables"], changes["table_dir"] = parse_list(tables), Path.cwd()
     if types is not None:
         changes["types"] = [t.upper() for t in parse_list(types)]
     if ctx is not None:

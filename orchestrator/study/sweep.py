@@ -1,9 +1,11 @@
 """Quantize and score every variant of an experiment, resumably, into a results document.
 
 Each variant's artifacts live in a run directory under the cache, keyed by everything
-that determines them (base model, fork build, variant, perplexity settings). Every step
-writes its output atomically, and result.json is written last, so a run killed at any
-moment is finished by the next one and a half-written file is never read as a result.
+that determines them (base model, fork build, variant, perplexity settings, the user's
+--llama-env). Every step writes its output atomically, and result.json is written last, so
+a run killed at any moment is finished by the next one and a half-written file is never
+read as a result. A variant that fails in any way, expected or not, becomes a failed row
+with its reason and log, and the sweep goes on.
 """
 
 import hashlib
@@ -11,22 +13,24 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
 
-from . import paths
-from .assets import write_atomic
-from .build import Fork
-from .errors import OrchestrateError
+from .. import paths, results
+from ..errors import OrchestrateError
+from ..files import read_json, read_text, write_atomic, write_json
+from ..fork.build import Fork
+from ..hooks.quantize import run_quantize
+from ..parse import parse_perplexity
+from ..proc import Progress, clean_env, failure_reason, run_logged
+from . import analysis, stats
+from .base import Base
 from .experiment import Experiment, Variant
-from .parse import parse_perplexity
-from .quantize import Base, run_quantize
-from .runner import Progress, clean_env, failure_reason, run_logged
 
-SCHEMA = "orchestrate.sweep/1"
-RUN_FORMAT = 3  # bump when a run directory's contents change, so older runs are not reused
+RUN_FORMAT = 4  # bump when a run directory's contents change, so older runs are not reused
 
 
 @dataclass(frozen=True)
@@ -34,13 +38,13 @@ class Inputs:
     """What every variant of one sweep shares."""
     fork: Fork
     base: Base
-    base_id: str
     text: Path
     text_id: str
     ctx: int
     chunks: int
     kld: bool
     threads: int
+    llama_env: dict = field(default_factory=dict)  # the user's --llama-env, passed to every llama-* run
 
 
 class StepError(OrchestrateError):
@@ -49,23 +53,11 @@ class StepError(OrchestrateError):
         self.log = log
 
 
-def fmt_ppl(v: float) -> str:
-    """Perplexities of broken variants reach 1e16: keep those readable."""
-    return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.3e}"
-
-
-def write_json(path: Path, data) -> None:
-    write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False).encode())
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text())
-
-
 def run_key(inp: Inputs, v: Variant) -> str:
     determined_by = {
-        "format": RUN_FORMAT, "base": inp.base_id, "fork": inp.fork.id, "variant": v.spec(),
+        "format": RUN_FORMAT, "base": inp.base.sha256, "fork": inp.fork.id, "variant": v.spec(),
         "perplexity": {"text": inp.text_id, "ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld},
+        "llama_env": inp.llama_env,
     }
     return hashlib.sha256(json.dumps(determined_by, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -75,7 +67,7 @@ def run_dir(inp: Inputs, v: Variant) -> Path:
 
 
 def _tail_reason(log: Path) -> str:
-    return failure_reason(log.read_text(errors="replace")) if log.exists() else "no output"
+    return failure_reason(read_text(log)) if log.exists() else "no output"
 
 
 def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, save_logits: Path | None = None) -> dict:
@@ -91,12 +83,12 @@ def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, sav
     if kld_base:
         cmd += ["--kl-divergence-base", kld_base, "--kl-divergence"]
     log = run / "perplexity.log"
-    with open(log, "w") as f:
-        rc, seconds = run_logged(cmd, f, env=clean_env(), cwd=run)
+    with open(log, "w", encoding="utf-8") as f:
+        rc, seconds = run_logged(cmd, f, env=clean_env(inp.llama_env), cwd=run)
     if rc != 0:
         raise StepError(f"llama-perplexity exited with code {rc}: {_tail_reason(log)}", log)
     try:
-        res = parse_perplexity(log.read_text(errors="replace"))
+        res = parse_perplexity(read_text(log))
     except OrchestrateError as e:
         raise StepError(str(e), log) from None
     if tmp_logits:
@@ -105,26 +97,12 @@ def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, sav
     return res
 
 
-def zero_stats(hist: dict, qtype: str) -> tuple[float | None, float | None]:
-    """(share of zero values, share of the zeros that are isolated) for the variant's type."""
-    m = hist.get("model", {}).get(qtype.lower())
-    if not m or not m["elements"]:
-        return None, None
-    if m["bins"] == "value":
-        zeros = m["values"][-m["bin_min"]]
-    else:  # table codes: the code whose level is 0
-        levels = hist["config"]["table"]["level"]
-        zeros = m["values"][levels.index(0)] if 0 in levels else 0
-    isolated = m["zero_runs"][0] / zeros if zeros else None
-    return zeros / m["elements"], isolated
-
-
 def _quantize_step(inp: Inputs, v: Variant, run: Path) -> dict:
     model = run / "model.gguf"
     try:
         res = run_quantize(inp.fork, inp.base.path, model, v.qtype, pablo=v.pablo, radius=v.radius or 0,
                            table=v.table, hist=run / "hist.json", threads=inp.threads, progress=False,
-                           log_path=run / "quantize.log")
+                           log_path=run / "quantize.log", env=inp.llama_env)
     except OrchestrateError as e:
         raise StepError(str(e), run / "quantize.log") from None
     res["file_bytes"] = model.stat().st_size
@@ -169,18 +147,19 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: Path | Non
         return result
     finally:
         if not keep_models and v.kind != "base" and result_path.exists():
+            analysis.release(model)  # unmapped first, so the disk space is freed at once
             model.unlink(missing_ok=True)
         lock.release()
 
 
 def analyse(inp: Inputs, v: Variant, model: Path) -> dict:
     """Compressibility measured from the file, and the damage to each tensor against the base."""
-    from .analysis import compressibility, damage, model_stats
     t0 = time.monotonic()
     try:
-        out = {**model_stats(model), **compressibility(model, v.qtype or "F16")}
-        out["damage"] = None if v.kind == "base" else damage(inp.base.path, model)
-    except (OrchestrateError, ValueError) as e:
+        out = analysis.model_stats(model)
+        out.update(stats.compressibility(model, out["main_type"]))
+        out["damage"] = None if v.kind == "base" else stats.damage(inp.base.path, model)
+    except OrchestrateError as e:
         raise StepError(f"analysis of {model.name} failed: {e}", model) from None
     out["seconds"] = time.monotonic() - t0
     return out
@@ -189,6 +168,7 @@ def analyse(inp: Inputs, v: Variant, model: Path) -> dict:
 def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict, a: dict) -> dict:
     spec = v.spec()
     row = {"name": v.name, "kind": v.kind, "type": v.qtype or f"base ({'F16 upcast of ' + inp.base.upcast_from if inp.base.upcast_from else 'as given'})",
+           "main_type": a.get("main_type"),
            "mode": spec["mode"], "radius": v.radius, "table": v.table.name if v.table else None, "status": "ok",
            "ppl": p["ppl"], "ppl_err": p["ppl_err"], "ppl_chunks": p["chunks"]}
     for k in ("kld", "kld_err", "same_top", "same_top_err", "rms_dp", "rms_dp_err"):
@@ -197,8 +177,8 @@ def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict, a: dic
                elements=a["elements"])
     row["zero_fraction"] = row["isolated_zero_share"] = None
     if q:
-        hist = read_json(run / "hist.json")
-        row["zero_fraction"], row["isolated_zero_share"] = zero_stats(hist, v.qtype)
+        row["zero_fraction"], row["isolated_zero_share"] = stats.zero_stats(read_json(run / "hist.json"),
+                                                                             a.get("main_type"))
     row.update(entropy_bpw=a["entropy_bpw"], rle_bpw=a["rle_bpw"], zstd_bpw=a["zstd_bpw"],
                weight_rel_rmse=a["damage"]["model_rel_rmse"] if a["damage"] else None,
                table_file=str(v.table.path) if v.table else None)
@@ -208,9 +188,16 @@ def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict, a: dic
     return row
 
 
-def failed_row(v: Variant, e: StepError | OrchestrateError) -> dict:
-    return {"name": v.name, "kind": v.kind, "type": v.qtype, "status": "failed", "reason": str(e),
-            "log": str(getattr(e, "log", "")) or None}
+def failed_row(v: Variant, reason: str, log: Path | None) -> dict:
+    return {"name": v.name, "kind": v.kind, "type": v.qtype, "status": "failed", "reason": reason,
+            "log": str(log) if log else None}
+
+
+def unexpected_failure(inp: Inputs, v: Variant, e: Exception) -> dict:
+    """A failed row for an error nobody foresaw, with the full trace kept in the run directory."""
+    log = run_dir(inp, v) / "error.log"
+    write_atomic(log, "".join(traceback.format_exception(e)))
+    return failed_row(v, f"internal error: {type(e).__name__}: {e}", log)
 
 
 class Display:
@@ -232,7 +219,7 @@ class Display:
         if worked:
             self.times.append(seconds)
         if row["status"] == "ok":
-            msg = f"{fmt_ppl(row['ppl'])} ± {fmt_ppl(row['ppl_err'])}" + ("" if worked else " (cached)")
+            msg = f"{results.fmt_ppl(row['ppl'])} ± {results.fmt_ppl(row['ppl_err'])}" + ("" if worked else " (cached)")
         else:
             msg = f"FAILED: {row['reason']}" + (f" (log: {row['log']})" if row.get("log") else "")
         self.progress.done(f"[{self.i}/{self.n}] {v.name}: {msg}")
@@ -243,12 +230,12 @@ def fit_tables(variants: list[Variant], inp: Inputs, out: Path) -> list[Variant]
     them as .table files in the sweep directory."""
     from dataclasses import replace
 
-    from .tables import fit, measured_histogram, write_table
-    hist = measured_histogram(inp.fork, inp.base.path, inp.base_id, inp.threads)
+    from ..hooks.tables import fit, measured_histogram, write_table
+    hist = measured_histogram(inp.fork, inp.base.path, inp.base.sha256, inp.threads)
     done = []
     for v in variants:
         if v.fit:
-            note = f"{v.fit} table fitted to the Q8_0 values of {inp.base.path.name} (sha256 {inp.base_id[:16]})"
+            note = f"{v.fit} table fitted to the Q8_0 values of {inp.base.path.name} (sha256 {inp.base.sha256[:16]})"
             v = replace(v, table=write_table(fit(v.fit, hist), out / "tables" / f"{v.fit}.table", note))
         done.append(v)
     return done
@@ -278,7 +265,9 @@ def run_sweep(exp: Experiment, inp: Inputs, out: Path, keep_models: bool = False
                 raise OrchestrateError(f"could not fit the {v.fit} table: {fitted_error}")
             row = run_variant(inp, v, keep_models, kld_base, step)
         except OrchestrateError as e:
-            row = failed_row(v, e)
+            row = failed_row(v, str(e), getattr(e, "log", None))
+        except Exception as e:  # a bug must cost one variant, not the sweep
+            row = unexpected_failure(inp, v, e)
         if v.kind == "base" and inp.kld:
             kld_base = run_dir(inp, v) / "logits.bin"
         display.finished(v, row, time.monotonic() - t0, bool(worked))
@@ -288,46 +277,50 @@ def run_sweep(exp: Experiment, inp: Inputs, out: Path, keep_models: bool = False
 
 def kld_size_estimate(base: Path, inp_chunks: int, ctx: int) -> int | None:
     """Bytes llama-perplexity will write for the base logits (2 bytes per vocab entry per token)."""
-    from .analysis import open_model
-    field = open_model(base).get_field("tokenizer.ggml.tokens")
-    if field is None or not inp_chunks:
+    tokens = analysis.open_model(base).get_field("tokenizer.ggml.tokens")
+    if tokens is None or not inp_chunks:
         return None
-    return len(field.data) * 2 * (ctx // 2) * inp_chunks
+    return len(tokens.data) * 2 * (ctx // 2) * inp_chunks
 
 
 def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | None, kld: bool = False,
-          keep_models: bool = False, threads: int | None = None, damage_variant: str | None = None) -> tuple[Path, dict]:
+          keep_models: bool = False, threads: int | None = None, damage_variant: str | None = None,
+          llama_env: dict | None = None) -> tuple[Path, dict]:
     """The main job: build if needed, prepare the base, run every variant, write the report."""
-    from . import assets, build, report
-    from .fetch import sha256_of
-    from .quantize import prepare_base
+    from .. import demo
+    from ..fetch import sha256_of
+    from ..fork import build
+    from ..hooks.quantize import canonical_type, needs_imatrix
+    from ..report import report
+    from .base import prepare_base
 
-    model = Path(model) if model else assets.demo_model()
-    text = Path(text) if text else assets.demo_text()
+    model = Path(model) if model else demo.demo_model()
+    text = Path(text) if text else demo.demo_text()
     for what, path in (("model", model), ("text", text)):
+        if path.is_dir():
+            raise OrchestrateError(f"{what} {path} is a directory, not a file")
         if not path.is_file():
             raise OrchestrateError(f"{what} {path} does not exist")
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{model.stem}"
-    out.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(out / ".sweep.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise OrchestrateError(f"another sweep is writing to {out} (lock {out / '.sweep.lock'}); "
-                               "wait for it or choose another --out") from None
-    try:
+    with results.locked(out):
         fork = build.build(quiet=False)
+        exp = exp.with_types(lambda t: canonical_type(fork, t))
         base = prepare_base(model, fork)
-        inp = Inputs(fork, base, assets.model_id(base.path), text, sha256_of(text), exp.ctx, exp.chunks, kld,
-                     threads or os.cpu_count() or 1)
+        need = [t for t in exp.types if needs_imatrix(fork, base.path, base.sha256, t)]
+        if need:
+            raise OrchestrateError(f"{', '.join(need)} need{'s' if len(need) == 1 else ''} an importance matrix "
+                                   f"for {model.name} (llama-quantize decides this per tensor); "
+                                   "orchestrate does not pass one: leave out " + ", ".join(need))
+        inp = Inputs(fork, base, text.resolve(), sha256_of(text), exp.ctx, exp.chunks, kld,
+                     threads or os.cpu_count() or 1, dict(llama_env or {}))
         if kld:
             size = kld_size_estimate(base.path, exp.chunks, exp.ctx)
             where = paths.cache_dir() / "runs"
             print(f"note: --kld stores the base's logits once ({'about %.1f GB' % (size / 1e9) if size else 'size unknown: all chunks'}) "
                   f"under {where}", flush=True)
         rows = run_sweep(exp, inp, out, keep_models)
-        doc = report.results_document(exp, inp, model, rows)
+        settings = {"ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld, "threads": inp.threads,
+                    "llama_env": inp.llama_env}
+        doc = results.document(exp.name, exp.description, base, inp.text, inp.text_id, settings, fork, rows)
         report.write_all(doc, out, damage_variant)
-    finally:
-        lock.release()
     return out, doc

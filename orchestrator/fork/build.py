@@ -1,4 +1,10 @@
-"""Configure and compile the fork with CMake; a stamp of the inputs makes a no-op build instant."""
+"""Configure and compile the fork with CMake; a stamp of the inputs makes a no-op build instant.
+
+The fork's identity (its id, part of every run's cache key) is what determines the
+binaries: the pin, the exact source tree (untracked files by content), the CMake options.
+Build tooling (ninja or make, ccache) is not part of it: installing either neither changes
+the identity nor breaks an existing build directory.
+"""
 
 import hashlib
 import json
@@ -11,9 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import patches, paths, upstream
-from .errors import OrchestrateError
-from .runner import Progress, run_logged
+from .. import paths
+from ..errors import OrchestrateError
+from ..files import read_json, read_text, write_json
+from ..proc import Progress, run_logged
+from . import patches, upstream
 
 TARGETS = ["llama-quantize", "llama-perplexity"]  # the shared libraries come with them
 CMAKE_OPTIONS = [
@@ -24,6 +32,10 @@ CMAKE_OPTIONS = [
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_APP=OFF",
     "-DLLAMA_OPENSSL=OFF",
+    # A portable x86-64-v3 / generic build instead of -march=native: the same code (and so the
+    # same numbers) on every machine, and no AMX kernels, which crash or compute wrong Q4_0/Q4_1
+    # matmuls on AMX CPUs (llama.cpp issues 20824 and 16315).
+    "-DGGML_NATIVE=OFF",
 ]
 STAMP = "orchestrate-stamp.json"
 LOG = "build.log"
@@ -51,12 +63,42 @@ def require_tools() -> None:
         raise OrchestrateError("no C/C++ compiler found (install gcc/g++ or clang) to build the fork")
 
 
-def cmake_options() -> list[str]:
-    opts = list(CMAKE_OPTIONS)
-    opts.append("-G" + ("Ninja" if shutil.which("ninja") else "Unix Makefiles"))
-    if shutil.which("ccache"):
-        opts += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+def _cached_generator(bdir: Path) -> str | None:
+    """The generator an existing build directory was configured with (CMake refuses another)."""
+    try:
+        text = read_text(bdir / "CMakeCache.txt")
+    except OSError:
+        return None
+    m = re.search(r"^CMAKE_GENERATOR:INTERNAL=(.*)$", text, re.M)
+    return m.group(1).strip() if m else None
+
+
+def tooling(bdir: Path) -> list[str]:
+    """Generator and compiler launcher: how to build, not what. The generator of an existing
+    build directory is kept while its tool is still installed; otherwise it starts afresh."""
+    gen = _cached_generator(bdir)
+    if gen and not shutil.which("ninja" if gen == "Ninja" else "make"):
+        (bdir / "CMakeCache.txt").unlink(missing_ok=True)
+        shutil.rmtree(bdir / "CMakeFiles", ignore_errors=True)
+        gen = None
+    opts = ["-G" + (gen or ("Ninja" if shutil.which("ninja") else "Unix Makefiles"))]
+    launcher = "ccache" if shutil.which("ccache") else ""
+    opts += [f"-DCMAKE_C_COMPILER_LAUNCHER={launcher}", f"-DCMAKE_CXX_COMPILER_LAUNCHER={launcher}"]
     return opts
+
+
+def _untracked_digest(repo) -> str:
+    """sha256 over the names and contents of untracked source files."""
+    h = hashlib.sha256()
+    names = repo.git.ls_files("--others", "--exclude-standard", "-z").split("\0")
+    for name in sorted(n for n in names if n):
+        h.update(name.encode() + b"\0")
+        try:
+            h.update(Path(repo.working_dir, name).read_bytes())
+        except OSError as e:  # a dangling link, a file removed meanwhile: still a difference
+            h.update(f"unreadable:{e.errno}".encode())
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def inputs_stamp(repo, pin: upstream.Pin, opts: list[str]) -> dict:
@@ -67,7 +109,8 @@ def inputs_stamp(repo, pin: upstream.Pin, opts: list[str]) -> dict:
     stamp = {
         "pin": pin.ident(),
         "tree": tree,
-        "uncommitted": hashlib.sha256((diff + "\0" + untracked).encode()).hexdigest() if (diff or untracked) else None,
+        "uncommitted": hashlib.sha256((diff + "\0" + _untracked_digest(repo)).encode()).hexdigest()
+        if (diff or untracked) else None,
         "cmake_options": opts,
         "applied": [a["name"] for a in upstream.read_state(repo)["applied"]],
     }
@@ -113,12 +156,10 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
         if done and not quiet:
             print(f"applied {len(done)} patch(es): {', '.join(done)}", file=sys.stderr)
     bdir = paths.build_dir()
-    opts = cmake_options()
-    stamp = inputs_stamp(repo, pin, opts)
+    stamp = inputs_stamp(repo, pin, list(CMAKE_OPTIONS))
     stamp_path = bdir / STAMP
     fork = Fork(bdir, stamp)
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and all(
-            fork.binary(t).exists() for t in TARGETS):
+    if _read_stamp(stamp_path) == stamp and all(fork.binary(t).exists() for t in TARGETS):
         if not quiet:
             print(f"fork is up to date ({bdir})", file=sys.stderr)
         return fork
@@ -128,30 +169,36 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
     log_path = bdir / LOG
     jobs = jobs or os.cpu_count() or 1
     t0 = time.monotonic()
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         try:
-            _run(["cmake", "-S", str(repo.working_dir), "-B", str(bdir), *opts], log, "configure", None)
+            _run(["cmake", "-S", str(repo.working_dir), "-B", str(bdir), *stamp["cmake_options"], *tooling(bdir)],
+                 log, "configure", None)
             _run(["cmake", "--build", str(bdir), "--parallel", str(jobs), "--target", *TARGETS],
                  log, "build", None if quiet else Progress())
         except subprocess.CalledProcessError:
             log.flush()
-            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            tail = read_text(log_path).splitlines()[-15:]
             print("\n".join(tail), file=sys.stderr)
             raise OrchestrateError(f"build of the fork failed; full log: {log_path}") from None
-    tmp = stamp_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True))
-    tmp.replace(stamp_path)
+    write_json(stamp_path, stamp)
     if not quiet:
         print(f"built fork {stamp['id']} in {time.monotonic() - t0:.0f} s; log: {log_path}", file=sys.stderr)
     return fork
 
 
+def _read_stamp(path: Path) -> dict | None:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
 def current() -> Fork:
     """The fork as last built, without building (error if there is none)."""
-    stamp_path = paths.build_dir() / STAMP
-    if not stamp_path.exists():
+    stamp = _read_stamp(paths.build_dir() / STAMP)
+    if stamp is None:
         raise OrchestrateError("the fork is not built yet: run `orchestrate build`")
-    fork = Fork(paths.build_dir(), json.loads(stamp_path.read_text()))
+    fork = Fork(paths.build_dir(), stamp)
     for t in TARGETS:
         if not fork.binary(t).exists():
             raise OrchestrateError(f"{fork.binary(t)} is missing: run `orchestrate build`")

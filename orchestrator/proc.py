@@ -1,4 +1,5 @@
-"""Run a llama.cpp tool with stdout and stderr merged into a log file, line by line."""
+"""Running llama.cpp's tools: a clean environment, merged output logged line by line as
+UTF-8, a one-line progress display, and the line that says why a tool failed."""
 
 import os
 import subprocess
@@ -7,7 +8,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-LLAMA_ENV_DROP = ("PABLO_CONF",)
+# Variables that silently change what llama.cpp computes or reads: every command-line option
+# (LLAMA_ARG_*), debug and disable switches (LLAMA_*, GGML_*), our hook configuration. What a
+# user wants to pass goes through `--llama-env` and into the run's cache key instead.
+LLAMA_ENV_PREFIXES = ("LLAMA_", "LLAMACPP_", "GGML_", "PABLO_")
 
 
 def run_logged(cmd: list[str], log, on_line: Callable[[str], None] | None = None,
@@ -17,7 +21,7 @@ def run_logged(cmd: list[str], log, on_line: Callable[[str], None] | None = None
     log.flush()
     t0 = time.monotonic()
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", env=env, cwd=cwd)
+                            encoding="utf-8", errors="replace", env=env, cwd=cwd)
     try:
         for line in proc.stdout:
             log.write(line)
@@ -33,9 +37,12 @@ def run_logged(cmd: list[str], log, on_line: Callable[[str], None] | None = None
     return rc, time.monotonic() - t0
 
 
-def clean_env() -> dict:
-    """The environment for a llama.cpp tool: ours decides the hook configuration, not the caller's."""
-    return {k: v for k, v in os.environ.items() if k not in LLAMA_ENV_DROP}
+def clean_env(extra: dict[str, str] | None = None) -> dict:
+    """The environment for a llama.cpp tool: the caller's, less everything that would change its
+    results unseen, plus `extra` (the user's documented --llama-env settings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LLAMA_ENV_PREFIXES)}
+    env.update(extra or {})
+    return env
 
 
 class Progress:

@@ -1,7 +1,6 @@
 """Figures of a sweep, drawn from results.json and the histogram files (PNG and SVG)."""
 
-import json
-import os
+import io
 from pathlib import Path
 
 import matplotlib
@@ -10,17 +9,20 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..files import read_json, write_atomic  # noqa: E402
+
 RUN_LABELS = [str(i) for i in range(1, 16)] + ["≥16"]
 
 
 def _save(fig, out: Path, stem: str) -> str:
     """Write stem.png and stem.svg atomically; return the PNG's name."""
-    for ext in ("png", "svg"):
-        final = out / f"{stem}.{ext}"
-        tmp = out / f".{stem}.tmp.{ext}"
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
-        os.replace(tmp, final)
-    plt.close(fig)
+    try:
+        for ext in ("png", "svg"):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, dpi=130, bbox_inches="tight")
+            write_atomic(out / f"{stem}.{ext}", buf.getvalue())
+    finally:
+        plt.close(fig)
     return f"{stem}.png"
 
 
@@ -103,11 +105,13 @@ def _hist(out: Path, row) -> dict | None:
     if not row.get("hist"):
         return None
     path = out / row["hist"]
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def _main(hist, row):
-    return hist["model"].get(row["type"].lower()) if hist else None
+    """The hooks' whole-model histogram of the variant's main type (None if not hooked)."""
+    main = row.get("main_type") or row["type"]
+    return hist["model"].get(main.lower()) if hist else None
 
 
 def fig_values(doc, out, row):
@@ -221,7 +225,7 @@ def fig_damage(doc, out, name):
     row = next((r for r in _ok(doc) if r["name"] == name and r.get("damage")), None)
     if row is None or not (out / row["damage"]).exists():
         return None
-    tensors = [t for t in json.loads((out / row["damage"]).read_text())["tensors"] if t["layer"] is not None]
+    tensors = [t for t in read_json(out / row["damage"])["tensors"] if t["layer"] is not None and t["rel_rmse"] is not None]
     if not tensors:
         return None
     kinds = sorted({t["kind"] for t in tensors}, key=lambda k: (not k.startswith("attn"), k))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import paths
+from ..files import read_json, write_atomic
 from .conf import Table, load_table
 
 VALUES = np.arange(-128, 128)
@@ -115,7 +117,6 @@ def code_masses(table: Table, hist) -> np.ndarray:
 
 def write_table(table: Table, path: Path, note: str) -> Table:
     """Write a .table file (atomically) and read it back with the validating loader."""
-    from .assets import write_atomic
     lines = [f"# {note}", "# code  lo  hi  level"]
     lines += [f"{c - 8:3d} {a:5d} {b:5d} {lev:5d}" for c, (a, b, lev) in enumerate(zip(table.lo, table.hi, table.level))]
     write_atomic(Path(path), ("\n".join(lines) + "\n").encode())
@@ -127,10 +128,8 @@ FITTED = ("balanced-fit", "optimal")
 
 def measured_histogram(fork, base: Path, base_id: str, threads: int | None = None) -> np.ndarray:
     """The model's plain-Q8_0 value histogram, from the hooks (quantized once, cached)."""
-    import json
     import tempfile
 
-    from . import paths
     from .quantize import run_quantize
     dest = paths.cache_dir() / "q8_0-hist" / f"{base_id[:16]}-{fork.id}.json"
     if not dest.exists():
@@ -138,7 +137,7 @@ def measured_histogram(fork, base: Path, base_id: str, threads: int | None = Non
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
             run_quantize(fork, base, Path(tmp) / "q8_0.gguf", "Q8_0", hist=dest, threads=threads,
                          progress=False, log_path=Path(tmp) / "quantize.log")
-    return np.array(json.loads(dest.read_text())["model"]["q8_0"]["values"], dtype=np.int64)
+    return np.array(read_json(dest)["model"]["q8_0"]["values"], dtype=np.int64)
 
 
 def fit(name: str, hist) -> Table:

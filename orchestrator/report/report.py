@@ -1,15 +1,14 @@
 """The sweep's outputs: results.json, results.csv, histogram copies, figures, report.md."""
 
 import csv
-import datetime
 import io
-import json
+import re
 from pathlib import Path
 
+from .. import results
+from ..files import read_json, read_text, write_atomic, write_json
+from ..results import fmt_ppl
 from . import plots
-from .assets import write_atomic
-from .errors import OrchestrateError
-from .sweep import SCHEMA, fmt_ppl, write_json
 
 # results.csv: one row per variant (documented in README.md)
 CSV_COLUMNS = ["name", "kind", "type", "mode", "radius", "table", "status", "ppl", "ppl_err", "kld", "kld_err",
@@ -18,33 +17,13 @@ CSV_COLUMNS = ["name", "kind", "type", "mode", "radius", "table", "status", "ppl
                "perplexity_seconds", "analysis_seconds", "reason", "log", "run_dir"]
 
 
-def results_document(exp, inp, model: Path, rows: list[dict]) -> dict:
-    from .assets import model_id
-    return {
-        "schema": SCHEMA,
-        "name": exp.name,
-        "description": exp.description,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": str(model), "model_sha256": model_id(model),
-        "base": str(inp.base.path), "base_upcast_from": inp.base.upcast_from,
-        "text": str(inp.text), "text_sha256": inp.text_id,
-        "perplexity": {"ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld, "threads": inp.threads},
-        "fork": {"id": inp.fork.id, "upstream": inp.fork.stamp["pin"], "patches": inp.fork.stamp["applied"]},
-        "variants": rows,
-    }
-
-
-def _write_text(path: Path, text: str) -> None:
-    write_atomic(path, text.encode())
-
-
 def write_csv(doc: dict, path: Path) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in doc["variants"]:
         w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
-    _write_text(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def copy_artifacts(doc: dict, out: Path) -> None:
@@ -58,11 +37,11 @@ def copy_artifacts(doc: dict, out: Path) -> None:
         if row["status"] != "ok":
             continue
         if (run / "hist.json").exists():
-            _write_text(out / "hist" / f"{row['name']}.json", (run / "hist.json").read_text())
+            write_atomic(out / "hist" / f"{row['name']}.json", (run / "hist.json").read_bytes())
             row["hist"] = f"hist/{row['name']}.json"
-        analysis = json.loads((run / "analysis.json").read_text()) if (run / "analysis.json").exists() else {}
+        analysis = read_json(run / "analysis.json") if (run / "analysis.json").exists() else {}
         if analysis.get("damage"):
-            _write_text(out / "damage" / f"{row['name']}.json", json.dumps(analysis["damage"], indent=1))
+            write_json(out / "damage" / f"{row['name']}.json", analysis["damage"])
             row["damage"] = f"damage/{row['name']}.json"
 
 
@@ -134,15 +113,14 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
 def _unchanged(doc: dict, out: Path, damage_variant: str | None) -> bool:
     """True when results.json already says the same (a fully cached re-run): the figures and
     report on disk are then still right and drawing them again would only cost time."""
-    path = out / "results.json"
+    path = out / results.FILE
     if damage_variant or not path.exists() or not (out / "report.md").exists():
         return False
-    old = json.loads(path.read_text())
+    old = read_json(path)
     strip = lambda d: {k: v for k, v in d.items() if k != "created"}  # noqa: E731
     if strip(old) != strip(doc):
         return False
-    import re
-    figures = re.findall(r"\]\(([^)]+\.png)\)", (out / "report.md").read_text())
+    figures = re.findall(r"\]\(([^)]+\.png)\)", read_text(out / "report.md"))
     return all((out / f).exists() and (out / f).with_suffix(".svg").exists() for f in figures)
 
 
@@ -150,20 +128,17 @@ def write_all(doc: dict, out: Path, damage_variant: str | None = None) -> None:
     copy_artifacts(doc, out)
     if _unchanged(doc, out, damage_variant):
         return
-    write_json(out / "results.json", doc)
+    write_json(out / results.FILE, doc)
     write_csv(doc, out / "results.csv")
     figures = plots.draw_all(doc, out, damage_variant)
-    _write_text(out / "report.md", render_report(doc, figures))
+    write_atomic(out / "report.md", render_report(doc, figures))
 
 
 def redraw(out: Path, damage_variant: str | None = None) -> list[tuple[str, str]]:
-    """`orchestrate plot DIR`: figures and report again from results.json."""
-    path = Path(out) / "results.json"
-    if not path.exists():
-        raise OrchestrateError(f"{path} does not exist (run `orchestrate sweep` first)")
-    doc = json.loads(path.read_text())
-    if doc.get("schema") != SCHEMA:
-        raise OrchestrateError(f"{path} is not a sweep results file (schema {doc.get('schema')!r})")
-    figures = plots.draw_all(doc, Path(out), damage_variant)
-    _write_text(Path(out) / "report.md", render_report(doc, figures))
+    """`orchestrate plot DIR`: figures and report again from results.json (under the sweep lock)."""
+    out = Path(out)
+    doc = results.load(out)
+    with results.locked(out):
+        figures = plots.draw_all(doc, out, damage_variant)
+        write_atomic(out / "report.md", render_report(doc, figures))
     return figures

@@ -1,0 +1,1 @@
+"""The hooks: pablo.conf and translation tables, and the hooked llama-quantize."""

@@ -1,0 +1,116 @@
+"""Running the fork's llama-quantize with a hook configuration, and what it accepts.
+
+The quantization types are whatever the built llama-quantize lists in its help (so a new
+upstream's types are known without a code change), matched case-insensitively as
+llama-quantize itself does. Whether a type needs an importance matrix is asked of
+llama-quantize too (`--dry-run`, which writes nothing), per base model.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .. import paths
+from ..errors import OrchestrateError
+from ..files import read_json, read_text, write_json
+from ..fork.build import Fork
+from ..parse import parse_quantize, quantize_progress
+from ..proc import Progress, clean_env, failure_reason, run_logged
+from .conf import Table, write_conf
+
+IMATRIX_NOTE = "will require an imatrix"
+
+
+def quant_types(fork: Fork) -> list[str]:
+    """The type names the fork's llama-quantize accepts, in its own order (e.g. Q4_0, Q4_K_M)."""
+    memo = paths.cache_dir() / "quant-types" / f"{fork.id}.json"
+    try:
+        return read_json(memo)
+    except (OSError, ValueError):
+        pass
+    res = subprocess.run([str(fork.binary("llama-quantize")), "--help"], capture_output=True,
+                         encoding="utf-8", errors="replace", env=clean_env())
+    text = res.stdout + res.stderr
+    names = re.findall(r"^\s+(?:\d+\s+or\s+)?([A-Z][A-Z0-9_]*)\s*:", text.split("allowed quantization types", 1)[-1],
+                       re.M)
+    if not names:
+        raise OrchestrateError(f"{fork.binary('llama-quantize')} --help lists no quantization types")
+    write_json(memo, names)
+    return names
+
+
+def canonical_type(fork: Fork, name: str) -> str:
+    """NAME as llama-quantize spells it, or a one-line error listing what it accepts."""
+    known = quant_types(fork)
+    for t in known:
+        if t.lower() == name.strip().lower():
+            return t
+    raise OrchestrateError(f"unknown quantization type '{name}' (llama-quantize accepts: {', '.join(known)})")
+
+
+def needs_imatrix(fork: Fork, base: Path, base_id: str, qtype: str) -> bool:
+    """True when quantizing `base` to `qtype` needs an importance matrix (asked of llama-quantize)."""
+    memo = paths.cache_dir() / "imatrix-check" / f"{base_id[:16]}-{fork.id}-{qtype}.json"
+    try:
+        return read_json(memo)["needs_imatrix"]
+    except (OSError, ValueError, KeyError):
+        pass
+    res = subprocess.run([str(fork.binary("llama-quantize")), "--dry-run", str(base), qtype, "1"],
+                         capture_output=True, encoding="utf-8", errors="replace", env=clean_env())
+    text = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise OrchestrateError(f"llama-quantize --dry-run {qtype} failed ({failure_reason(text)})")
+    need = IMATRIX_NOTE in text
+    write_json(memo, {"needs_imatrix": need})
+    return need
+
+
+def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, pablo: bool = False, radius: int = 0,
+                 table: Table | None = None, hist: Path | None = None, threads: int | None = None,
+                 extra: list[str] = (), progress: bool = True, log_path: Path | None = None,
+                 env: dict[str, str] | None = None) -> dict:
+    """Quantize base -> out with the given hook settings. Nothing is left at `out` (or `hist`)
+    unless the whole run succeeded. Returns the parsed sizes, the command and the wall time."""
+    out, base = Path(out), Path(base)
+    if not base.is_file():
+        raise OrchestrateError(f"model {base} does not exist")
+    if table is not None and not pablo:
+        raise OrchestrateError("a translation table takes effect only in pablo mode (--mode pablo)")
+    if radius and not pablo:
+        raise OrchestrateError("a radius takes effect only in pablo mode (--mode pablo)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = Path(log_path or out.with_name(out.name + ".log"))
+    threads = threads or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out.parent) as tmp:
+        tmp = Path(tmp)
+        tmp_out, tmp_hist = tmp / out.name, tmp / "hist.json"
+        run_env = clean_env(env)
+        if pablo or hist:
+            run_env["PABLO_CONF"] = str(write_conf(tmp / "pablo.conf", pablo, radius, table,
+                                                   tmp_hist if hist else None))
+        cmd = [fork.binary("llama-quantize"), *extra, base, tmp_out, qtype, str(threads)]
+        bar = Progress() if progress else None
+
+        def on_line(line):
+            p = quantize_progress(line)
+            if bar and p:
+                bar.show(f"quantize {out.name}: tensor {p[0]}/{p[1]}")
+        with open(log_path, "w", encoding="utf-8") as log:
+            rc, seconds = run_logged(cmd, log, on_line, env=run_env, cwd=tmp)  # cwd: no stray ./pablo.conf
+        if bar:
+            bar.done()
+        text = read_text(log_path)
+        if rc != 0 or not tmp_out.exists():
+            raise OrchestrateError(f"llama-quantize failed ({failure_reason(text)}); log: {log_path}")
+        result = parse_quantize(text)
+        if hist:
+            if not tmp_hist.exists():
+                raise OrchestrateError(f"llama-quantize wrote no histograms; log: {log_path}")
+            Path(hist).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(tmp_hist, hist)
+        os.replace(tmp_out, out)
+    result.update(command=[str(c) for c in cmd], seconds=seconds, log=str(log_path))
+    return result

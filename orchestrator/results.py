@@ -1,0 +1,83 @@
+"""A sweep's output directory: its results document (results.json: schema, how it is made
+and read) and its lock.
+
+The sweep writes the document and the report reads it; it belongs to neither, so neither
+imports the other. One lock per output directory keeps a sweep and `orchestrate plot` (or
+two sweeps) from writing into it at once.
+"""
+
+import contextlib
+import datetime
+import os
+from pathlib import Path
+
+import filelock
+
+from .errors import OrchestrateError
+from .files import read_json
+
+SCHEMA = "orchestrate.sweep/1"
+FILE = "results.json"
+
+
+def fmt_ppl(v: float) -> str:
+    """Perplexities of broken variants reach 1e16: keep those readable."""
+    return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def document(name: str, description: str, base, text: Path, text_sha256: str, settings: dict, fork,
+             rows: list[dict]) -> dict:
+    """base: a study.base.Base; fork: a fork.build.Fork; settings: the perplexity settings."""
+    return {
+        "schema": SCHEMA,
+        "name": name,
+        "description": description,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": str(base.source), "model_sha256": base.source_sha256,
+        "base": str(base.path), "base_sha256": base.sha256, "base_upcast_from": base.upcast_from,
+        "text": str(text), "text_sha256": text_sha256,
+        "perplexity": settings,
+        "fork": {"id": fork.id, "upstream": fork.stamp["pin"], "patches": fork.stamp["applied"]},
+        "variants": rows,
+    }
+
+
+def load(directory: Path) -> dict:
+    """A sweep directory's results.json, checked to be one."""
+    path = Path(directory) / FILE
+    if Path(directory).is_file():
+        raise OrchestrateError(f"{directory} is a file; give the sweep's output directory")
+    try:
+        doc = read_json(path)
+    except FileNotFoundError:
+        raise OrchestrateError(f"{path} does not exist (run `orchestrate sweep` first)") from None
+    except (OSError, ValueError) as e:
+        raise OrchestrateError(f"cannot read {path}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        got = doc.get("schema") if isinstance(doc, dict) else None
+        raise OrchestrateError(f"{path} is not a sweep results file (schema {got!r})")
+    return doc
+
+
+@contextlib.contextmanager
+def locked(directory: Path):
+    """Hold the output directory's lock (made if needed), or fail at once in one line."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OrchestrateError(f"output {directory} is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OrchestrateError(f"cannot create output directory {directory}: {e.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OrchestrateError(f"output directory {directory} is not writable")
+    lock = filelock.FileLock(str(directory / ".sweep.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise OrchestrateError(f"another sweep is writing to {directory} (lock {directory / '.sweep.lock'}); "
+                               "wait for it or choose another --out") from None
+    try:
+        yield directory
+    finally:
+        lock.release()

@@ -1,0 +1,1 @@
+"""The study: base model, experiments, sweeps, and the measurements of each variant."""

@@ -1,0 +1,84 @@
+"""The base model of a study: the float model every variant is quantized from, made once.
+
+A user's model enters here and leaves as one Base (path, sha256, weight types, and the
+quantized model it was upcast from, if any), which every later step takes as it is. A
+model whose weights are already quantized gets an F16 upcast made once and cached, and
+every report says so.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import paths
+from ..errors import OrchestrateError
+from ..fetch import sha256_of
+from ..files import read_json, write_json
+from ..fork.build import Fork
+from ..hooks.quantize import run_quantize
+from . import analysis
+
+
+@dataclass(frozen=True)
+class Base:
+    path: Path                  # the float model variants are quantized from
+    sha256: str
+    types: tuple[str, ...]      # GGML types of its weight matrices
+    source: Path                # the model the user named (== path unless upcast)
+    source_sha256: str
+    upcast_from: str | None     # the source's quantization (e.g. "Q4_1") when path is its F16 upcast
+
+
+def file_id(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime) so a 13 GB model is hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    memo = paths.cache_dir() / "model-ids.json"
+    try:
+        known = read_json(memo)
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = sha256_of(path)
+        write_json(memo, known)
+    return known[key]
+
+
+def describe(path: Path, sha256: str) -> tuple[tuple[str, ...], str | None]:
+    """(weight-matrix types, llama file type) of a model, read from its header once per content
+    (gguf takes seconds to parse a tokenizer)."""
+    memo = paths.cache_dir() / "model-types" / f"{sha256}.json"
+    try:
+        data = read_json(memo)
+        return tuple(data["types"]), data["ftype"]
+    except (OSError, ValueError, KeyError):
+        pass
+    reader = analysis.open_model(path)
+    types, ftype = tuple(sorted(analysis.matrix_types(reader))), analysis.file_type(reader)
+    write_json(memo, {"types": list(types), "ftype": ftype})
+    return types, ftype
+
+
+def prepare_base(model: Path, fork: Fork) -> Base:
+    """The model itself if its weights are float; else its F16 upcast, made once and cached."""
+    model = Path(model)
+    if not model.is_file():
+        raise OrchestrateError(f"model {model} " + ("is a directory, not a GGUF file" if model.is_dir()
+                                                     else "does not exist"))
+    sha = file_id(model)
+    types, ftype = describe(model, sha)
+    quantized = sorted(t for t in types if t not in analysis.FLOAT_TYPES)
+    if not types:
+        raise OrchestrateError(f"{model} has no weight matrices: not a model to quantize")
+    if not quantized:
+        return Base(model.resolve(), sha, types, model.resolve(), sha, None)
+    dest = paths.cache_dir() / "bases" / f"{sha[:16]}-{model.stem}-F16.gguf"
+    label = ftype or "/".join(quantized)
+    if not dest.exists():
+        print(f"note: {model.name} is already quantized ({label}); making an F16 upcast of it as the base "
+              f"(its 'F16' results describe an upcast of a {label} model)", file=sys.stderr)
+        run_quantize(fork, model, dest, "F16", extra=["--allow-requantize"], progress=False,
+                     log_path=dest.with_suffix(".log"))
+    up_sha = file_id(dest)
+    return Base(dest, up_sha, describe(dest, up_sha)[0], model.resolve(), sha, label)
