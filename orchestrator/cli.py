@@ -61,7 +61,7 @@ def cli():
 @click.option("-j", "--jobs", type=click.IntRange(1), default=None, help="Parallel compile jobs (default: all cores).")
 def build(jobs):
     """Fetch the pinned llama.cpp, apply patches/, compile the fork."""
-    fork = build_mod.build(jobs=jobs)
+    fork = build_mod.build(jobs=jobs, say_up_to_date=True)
     click.echo(fork.build_dir / "bin")
 
 
@@ -201,9 +201,6 @@ def quantize(base, out, qtype, mode, radius, table, hist, threads, llama_env, ex
     from .study.base import prepare_base
     pablo = mode == "pablo" or (mode is None and (radius > 0 or table is not None))
     tbl = table_arg(table) if table else None
-    for what, p in (("output", out), ("histogram file", hist)):
-        if p is not None and p.is_dir():
-            raise OrchestrateError(f"{what} {p} is a directory; give a file name")
     fork = build_mod.current()
     qtype = canonical_type(fork, qtype)
     b = prepare_base(base, fork)
@@ -270,11 +267,12 @@ def tables():
 @click.option("--threads", type=click.IntRange(1), default=None)
 def tables_fit(base, out, threads):
     """Fit balanced-fit and optimal tables to BASE's own Q8_0 value distribution."""
+    from .files import check_writable
     from .hooks.conf import load_table
     from .hooks.tables import FITTED, code_masses, expected_sq_error, fit, measured_histogram, write_table
     from .study.base import prepare_base
-    if out.exists() and not out.is_dir():
-        raise OrchestrateError(f"--out {out} is a file, not a directory")
+    for name in FITTED:
+        check_writable(out / f"{base.stem}-{name}.table", "table file")
     fork = build_mod.build(quiet=True)
     b = prepare_base(base, fork)
     hist = measured_histogram(fork, b.path, b.sha256, threads)

@@ -37,6 +37,23 @@ def write_atomic(dest: Path, data: bytes | str) -> Path:
     return dest
 
 
+def check_writable(path: Path, what: str) -> Path:
+    """Fail now, in one line, when `path` could not be written as a file later (rather than
+    after hours of work). Creates nothing: missing directories are made when it is written."""
+    from .errors import OrchestrateError
+    path = Path(path)
+    if path.is_dir():
+        raise OrchestrateError(f"{what} {path} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OrchestrateError(f"{what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OrchestrateError(f"{what} {path}: {parent} is not writable")
+    return path
+
+
 def read_text(path: Path) -> str:
     """A text file as UTF-8 whatever the locale (undecodable bytes shown, not fatal)."""
     return Path(path).read_text(encoding=ENCODING, errors="replace")

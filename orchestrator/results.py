@@ -18,6 +18,7 @@ from .files import read_json
 
 SCHEMA = "orchestrate.sweep/1"
 FILE = "results.json"
+LOCK = ".sweep.lock"
 
 
 def fmt_ppl(v: float) -> str:
@@ -61,23 +62,31 @@ def load(directory: Path) -> dict:
 
 @contextlib.contextmanager
 def locked(directory: Path):
-    """Hold the output directory's lock (made if needed), or fail at once in one line."""
+    """Hold the output directory's lock (made if needed), or fail at once in one line. A
+    directory made here and still empty when the work fails is removed again."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise OrchestrateError(f"output {directory} is a file, not a directory")
+    created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OrchestrateError(f"cannot create output directory {directory}: {e.strerror}") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OrchestrateError(f"output directory {directory} is not writable")
-    lock = filelock.FileLock(str(directory / ".sweep.lock"))
+    lock_path = directory / LOCK
+    lock = filelock.FileLock(str(lock_path))
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
-        raise OrchestrateError(f"another sweep is writing to {directory} (lock {directory / '.sweep.lock'}); "
+        raise OrchestrateError(f"another sweep is writing to {directory} (lock {lock_path}); "
                                "wait for it or choose another --out") from None
     try:
         yield directory
-    finally:
+    except BaseException:
         lock.release()
+        if created and all(p == lock_path for p in directory.iterdir()):
+            lock_path.unlink(missing_ok=True)
+            directory.rmdir()
+        raise
+    lock.release()

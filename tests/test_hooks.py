@@ -186,6 +186,9 @@ def test_cli_quantize_upcasts_and_cleans_up(fork, tmp_path):
     res = orchestrate("quantize", demo.demo_model(), tmp_path / "bad.gguf", "Q8_0", "--table", "nosuch")
     assert res.returncode == 1 and res.stderr.startswith("error: unknown table 'nosuch'")
     res = orchestrate("quantize", demo.demo_model(), tmp_path / "bad.gguf", "NOT_A_TYPE")
+    assert res.returncode == 1 and "unknown quantization type 'NOT_A_TYPE'" in res.stderr
+    # a failure inside llama-quantize: the reason, the log, and no output
+    res = orchestrate("quantize", demo.demo_model(), tmp_path / "bad.gguf", "Q4_0", "--", "--no-such-option")
     assert res.returncode == 1 and "llama-quantize failed" in res.stderr and "log:" in res.stderr
     assert not (tmp_path / "bad.gguf").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")) == ["h.json", "r1.gguf"]

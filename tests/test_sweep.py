@@ -158,18 +158,6 @@ def test_two_sweeps_on_one_directory_are_refused(fork, tmp_path):
     assert "another sweep is writing to" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
-def test_a_failing_variant_is_reported_and_the_rest_goes_on(swept, tmp_path):
-    res = orchestrate("sweep", "--radius", "none", "--tables", "none", "--types", "Q4_0,NOT_A_TYPE",
-                      "--chunks", "3", "--ctx", "128", "--threads", "2", "--out", tmp_path)
-    assert res.returncode == 1
-    assert "1 variant(s) failed: not_a_type" in res.stderr
-    rows = by_name(json.loads((tmp_path / "results.json").read_text()))
-    assert rows["q4_0"]["status"] == "ok" and rows["base"]["status"] == "ok"
-    bad = rows["not_a_type"]
-    assert bad["status"] == "failed" and "llama-quantize failed" in bad["reason"] and Path(bad["log"]).exists()
-    assert "## Failures" in (tmp_path / "report.md").read_text()
-
-
 def test_experiment_files_are_validated(tmp_path):
     assert [v.name for v in experiment.load_experiment().variants()] == [
         "base", "q4_0", "q8_0", "q8_0-basic", "q8_0-balanced", "q8_0-balanced-fit", "q8_0-optimal",

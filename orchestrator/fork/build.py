@@ -140,8 +140,10 @@ def _run(cmd: list[str], log, what: str, progress: Progress | None) -> None:
         raise subprocess.CalledProcessError(rc, cmd)
 
 
-def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool = False) -> Fork:
-    """Fetch if needed, apply the series, compile. Returns the built fork."""
+def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool = False,
+          say_up_to_date: bool = False) -> Fork:
+    """Fetch if needed, apply the series, compile. Returns the built fork. Progress is shown
+    unless quiet; that nothing needed building is said only when asked."""
     require_tools()
     pin = pin or upstream.load_pin()
     repo = upstream.ensure_vendor(pin)
@@ -160,7 +162,7 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
     stamp_path = bdir / STAMP
     fork = Fork(bdir, stamp)
     if _read_stamp(stamp_path) == stamp and all(fork.binary(t).exists() for t in TARGETS):
-        if not quiet:
+        if say_up_to_date:
             print(f"fork is up to date ({bdir})", file=sys.stderr)
         return fork
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import OrchestrateError
-from ..files import read_json, read_text, write_json
+from ..files import check_writable, read_json, read_text, write_json
 from ..fork.build import Fork
 from ..parse import parse_quantize, quantize_progress
 from ..proc import Progress, clean_env, failure_reason, run_logged
@@ -81,6 +81,9 @@ def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, pablo: bool = Fa
         raise OrchestrateError("a translation table takes effect only in pablo mode (--mode pablo)")
     if radius and not pablo:
         raise OrchestrateError("a radius takes effect only in pablo mode (--mode pablo)")
+    check_writable(out, "output")
+    if hist:
+        check_writable(hist, "histogram file")
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_path or out.with_name(out.name + ".log"))
     threads = threads or os.cpu_count() or 1

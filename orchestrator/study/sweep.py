@@ -30,7 +30,7 @@ from . import analysis, stats
 from .base import Base
 from .experiment import Experiment, Variant
 
-RUN_FORMAT = 4  # bump when a run directory's contents change, so older runs are not reused
+RUN_FORMAT = 6  # bump when a run directory's contents change, so older runs are not reused
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def analyse(inp: Inputs, v: Variant, model: Path) -> dict:
 def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict, a: dict) -> dict:
     spec = v.spec()
     row = {"name": v.name, "kind": v.kind, "type": v.qtype or f"base ({'F16 upcast of ' + inp.base.upcast_from if inp.base.upcast_from else 'as given'})",
-           "main_type": a.get("main_type"),
+           "main_type": a.get("main_type"), "tensor_types": a.get("types"),
            "mode": spec["mode"], "radius": v.radius, "table": v.table.name if v.table else None, "status": "ok",
            "ppl": p["ppl"], "ppl_err": p["ppl_err"], "ppl_chunks": p["chunks"]}
     for k in ("kld", "kld_err", "same_top", "same_top_err", "rms_dp", "rms_dp_err"):
@@ -180,8 +180,7 @@ def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict, a: dic
         row["zero_fraction"], row["isolated_zero_share"] = stats.zero_stats(read_json(run / "hist.json"),
                                                                              a.get("main_type"))
     row.update(entropy_bpw=a["entropy_bpw"], rle_bpw=a["rle_bpw"], zstd_bpw=a["zstd_bpw"],
-               weight_rel_rmse=a["damage"]["model_rel_rmse"] if a["damage"] else None,
-               table_file=str(v.table.path) if v.table else None)
+               weight_rel_rmse=a["damage"]["model_rel_rmse"] if a["damage"] else None)
     row.update(quantize_seconds=q["seconds"] if q else 0.0, perplexity_seconds=p["seconds"],
                analysis_seconds=a.get("seconds"),
                commands=([q["command"]] if q else []) + [p["command"]], run_dir=str(run))
@@ -264,6 +263,8 @@ def run_sweep(exp: Experiment, inp: Inputs, out: Path, keep_models: bool = False
             if v.fit and v.table is None:
                 raise OrchestrateError(f"could not fit the {v.fit} table: {fitted_error}")
             row = run_variant(inp, v, keep_models, kld_base, step)
+            # where this sweep found the table (a cached run may have had its twin elsewhere)
+            row = {**row, "table_file": str(v.table.path) if v.table else None}
         except OrchestrateError as e:
             row = failed_row(v, str(e), getattr(e, "log", None))
         except Exception as e:  # a bug must cost one variant, not the sweep

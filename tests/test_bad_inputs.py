@@ -1,0 +1,154 @@
+"""Bad input, command by command: one line on stderr that names the problem, a non-zero exit,
+no traceback, and nothing half-written left behind.
+
+One table: each row is a command line run from a scratch directory holding the bad files
+(relative paths, as a user types them), and the words its one error line must contain.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import orchestrate
+
+HERE = Path(__file__).resolve().parent
+
+# the bad things a user hands over, laid down in the scratch directory
+FILES = {
+    "truncated.gguf": lambda demo: demo.read_bytes()[:4096],
+    "notgguf.gguf": lambda demo: b"this is a text file, not a model\n" * 10,
+    "text.txt": lambda demo: b"Some text to score.\n" * 100,
+    "unknown-key.yaml": lambda demo: b"name: x\ntypes: [Q4_0]\ncolour: red\n",
+    "a-file": lambda demo: b"not a directory\n",
+    "results-bad/results.json": lambda demo: b"{ truncated",
+    "results-other/results.json": lambda demo: b'{"schema": "something/else"}',
+    "bad.conf": lambda demo: b"MODE = pablo\nQ4_0_RADIUS = 1\x00junk\n",
+}
+DIRS = ["adir", "adir.gguf"]
+
+# (id, command line, words the one error line contains)
+MATRIX = [
+    # quantize
+    ("quantize-missing", ["quantize", "nosuch.gguf", "o.gguf", "Q4_0"], ["nosuch.gguf", "does not exist"]),
+    ("quantize-relative-missing", ["quantize", "../nosuch/m.gguf", "o.gguf", "Q4_0"], ["m.gguf", "does not exist"]),
+    ("quantize-directory", ["quantize", "adir.gguf", "o.gguf", "Q4_0"], ["adir.gguf", "directory"]),
+    ("quantize-truncated", ["quantize", "truncated.gguf", "o.gguf", "Q4_0"], ["truncated.gguf", "not a readable GGUF"]),
+    ("quantize-not-gguf", ["quantize", "notgguf.gguf", "o.gguf", "Q4_0"], ["notgguf.gguf", "not a readable GGUF"]),
+    ("quantize-unwritable-out", ["quantize", "{demo}", "a-file/o.gguf", "Q4_0"], ["a-file/o.gguf", "directory"]),
+    ("quantize-out-is-dir", ["quantize", "{demo}", "adir", "Q4_0"], ["adir", "is a directory"]),
+    ("quantize-bad-type", ["quantize", "{demo}", "o.gguf", "Q4_7"], ["unknown quantization type 'Q4_7'", "Q4_K_M"]),
+    ("quantize-imatrix-type", ["quantize", "{demo}", "o.gguf", "IQ2_XXS"], ["IQ2_XXS", "importance matrix"]),
+    ("quantize-bad-table", ["quantize", "{demo}", "o.gguf", "Q8_0", "--table", "nosuch"], ["unknown table 'nosuch'"]),
+    ("quantize-bad-env", ["quantize", "{demo}", "o.gguf", "Q4_0", "--llama-env", "NOEQUALS"], ["--llama-env", "KEY=VALUE"]),
+    # sweep
+    ("sweep-missing-model", ["sweep", "--model", "nosuch.gguf", "--out", "out"], ["nosuch.gguf", "does not exist"]),
+    ("sweep-directory-model", ["sweep", "--model", "adir", "--out", "out"], ["adir", "directory"]),
+    ("sweep-truncated", ["sweep", "--model", "truncated.gguf", "--out", "out"], ["truncated.gguf", "not a readable GGUF"]),
+    ("sweep-not-gguf", ["sweep", "--model", "notgguf.gguf", "--out", "out"], ["notgguf.gguf", "not a readable GGUF"]),
+    ("sweep-missing-text", ["sweep", "--text", "nosuch.txt", "--out", "out"], ["nosuch.txt", "does not exist"]),
+    ("sweep-directory-text", ["sweep", "--text", "adir", "--out", "out"], ["adir", "directory"]),
+    ("sweep-unwritable-out", ["sweep", "--text", "text.txt", "--out", "a-file/out"], ["a-file/out", "cannot create"]),
+    ("sweep-out-is-file", ["sweep", "--text", "text.txt", "--out", "a-file"], ["a-file", "is a file"]),
+    ("sweep-bad-type", ["sweep", "--types", "Q4_0,NOPE", "--radius", "none", "--tables", "none", "--out", "out"],
+     ["unknown quantization type 'NOPE'"]),
+    ("sweep-imatrix-type", ["sweep", "--types", "Q2_K_S", "--radius", "none", "--tables", "none", "--out", "out"],
+     ["Q2_K_S", "importance matrix"]),
+    ("sweep-twin-types", ["sweep", "--types", "Q4_0,q4_0", "--radius", "none", "--tables", "none", "--out", "out"],
+     ["two variants would be named q4_0"]),
+    ("sweep-unknown-key", ["sweep", "--config", "unknown-key.yaml", "--out", "out"], ["unknown-key.yaml", "colour"]),
+    ("sweep-missing-config", ["sweep", "--config", "nosuch.yaml", "--out", "out"], ["nosuch.yaml", "No such file"]),
+    ("sweep-directory-config", ["sweep", "--config", "adir", "--out", "out"], ["adir", "directory"]),
+    ("sweep-bad-radius", ["sweep", "--radius", "0..9", "--out", "out"], ["radius", "0..7"]),
+    ("sweep-bad-ctx", ["sweep", "--ctx", "4", "--out", "out"], ["--ctx"]),
+    # tables fit
+    ("tables-missing", ["tables", "fit", "nosuch.gguf"], ["nosuch.gguf", "does not exist"]),
+    ("tables-directory", ["tables", "fit", "adir"], ["adir", "directory"]),
+    ("tables-truncated", ["tables", "fit", "truncated.gguf"], ["truncated.gguf", "not a readable GGUF"]),
+    ("tables-not-gguf", ["tables", "fit", "notgguf.gguf"], ["notgguf.gguf", "not a readable GGUF"]),
+    ("tables-unwritable-out", ["tables", "fit", "{demo}", "--out", "a-file/t"], ["a-file/t", "directory"]),
+    # plot
+    ("plot-missing", ["plot", "nosuch"], ["nosuch", "does not exist"]),
+    ("plot-file", ["plot", "a-file"], ["a-file", "is a file"]),
+    ("plot-truncated-results", ["plot", "results-bad"], ["results.json"]),
+    ("plot-other-schema", ["plot", "results-other"], ["not a sweep results file"]),
+    # conf check
+    ("conf-missing", ["conf", "check", "nosuch.conf"], ["nosuch.conf", "cannot open: No such file"]),
+    ("conf-directory", ["conf", "check", "adir"], ["adir", "cannot open: Is a directory"]),
+    ("conf-nul", ["conf", "check", "bad.conf"], ["bad.conf:2", "NUL byte"]),
+    ("conf-not-a-conf", ["conf", "check", "notgguf.gguf"], ["notgguf.gguf:1", "expected `KEY = value`"]),
+    # usage errors are one line too
+    ("usage-unknown-command", ["frobnicate"], ["No such command"]),
+    ("usage-missing-argument", ["quantize", "x.gguf"], ["Missing argument"]),
+    ("build-bad-jobs", ["build", "-j", "0"], ["--jobs"]),
+    ("patches-check-both", ["patches", "check", "--sdist-version", "1", "--git-url", "x"], ["either"]),
+    ("patches-check-git-no-commit", ["patches", "check", "--git-url", "x"], ["--commit"]),
+]
+
+
+@pytest.fixture(scope="module")
+def scratch(fork, demo_base, tmp_path_factory):
+    from orchestrator import demo
+    d = tmp_path_factory.mktemp("bad")
+    for rel, make in FILES.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(make(demo.demo_model()))
+    for name in DIRS:
+        (d / name).mkdir()
+    return d
+
+
+def tree(d: Path) -> set[str]:
+    return {str(p.relative_to(d)) for p in d.rglob("*")}
+
+
+@pytest.mark.parametrize("args,words", [pytest.param(a, w, id=i) for i, a, w in MATRIX])
+def test_bad_input_is_one_line_and_leaves_nothing(scratch, demo_base, args, words):
+    before = tree(scratch)
+    res = orchestrate(*[a.replace("{demo}", str(demo_base)) for a in args], cwd=scratch)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0, res.stdout
+    assert "Traceback" not in res.stderr + res.stdout
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    left = tree(scratch) - before
+    # a failed quantize keeps its log (named in the message); nothing else may appear
+    assert {p for p in left if not p.endswith(".log")} == set(), left
+
+
+@pytest.fixture
+def broken_project(tmp_path, monkeypatch):
+    """A copy of the project's conf/ and patches/ to break on purpose (vendor/ is not needed)."""
+    proj = tmp_path / "proj"
+    for sub in ("conf", "patches"):
+        shutil.copytree(HERE.parent / sub, proj / sub)
+    monkeypatch.setenv("ORCHESTRATE_HOME", str(proj))
+    return proj
+
+
+BAD_PIN, BAD_YAML = ("conf/upstream.yaml", "source: ftp\n"), ("conf/upstream.yaml", "source: [unclosed\n")
+PIN_WORDS, YAML_WORDS = ["upstream.yaml", "source must be"], ["upstream.yaml", "cannot read"]
+BROKEN = [  # (command, file, its broken text, words)
+    (["build"], *BAD_PIN, PIN_WORDS),
+    (["build"], *BAD_YAML, YAML_WORDS),
+    (["patches", "list"], "patches/series", "0009-no-such.patch\n", ["series:1", "does not exist"]),
+    (["patches", "status"], *BAD_PIN, PIN_WORDS),
+    (["patches", "apply"], *BAD_YAML, YAML_WORDS),
+    (["patches", "unapply"], *BAD_PIN, PIN_WORDS),
+    (["patches", "export"], *BAD_PIN, PIN_WORDS),
+    (["patches", "check"], *BAD_YAML, YAML_WORDS),
+]
+
+
+@pytest.mark.parametrize("command,rel,text,words", BROKEN, ids=[f"{' '.join(c)}:{r}" for c, r, _, _ in BROKEN])
+def test_broken_project_files(broken_project, tmp_path, command, rel, text, words):
+    (broken_project / rel).write_text(text)
+    res = orchestrate(*command, cwd=tmp_path)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not (broken_project / "vendor").exists()
