@@ -5,7 +5,6 @@ One table: each row is a command line run from a scratch directory holding the b
 (relative paths, as a user types them), and the words its one error line must contain.
 """
 
-import os
 import shutil
 from pathlib import Path
 
