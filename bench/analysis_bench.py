@@ -15,13 +15,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator import analysis, assets, build, quantize  # noqa: E402
+from orchestrator import demo  # noqa: E402
+from orchestrator.fork import build  # noqa: E402
+from orchestrator.hooks.quantize import run_quantize  # noqa: E402
+from orchestrator.study import analysis, stats  # noqa: E402
+from orchestrator.study.base import prepare_base  # noqa: E402
 
 CHILD = """
 import resource, sys, json
-from orchestrator import analysis
-analysis.compressibility(sys.argv[1], sys.argv[2])
-analysis.damage(sys.argv[3], sys.argv[1])
+from orchestrator.study import stats
+stats.compressibility(sys.argv[1], sys.argv[2])
+stats.damage(sys.argv[3], sys.argv[1])
 print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
@@ -34,11 +38,11 @@ def timed(fn, *args):
 
 def main() -> None:
     fork = build.build(quiet=True)
-    base = quantize.prepare_base(assets.demo_model(), fork).path
+    base = prepare_base(demo.demo_model(), fork).path
     with tempfile.TemporaryDirectory() as tmp:
         for qtype in ("Q4_0", "Q8_0"):
             path = Path(tmp) / f"{qtype}.gguf"
-            quantize.run_quantize(fork, base, path, qtype, progress=False, log_path=Path(tmp) / "q.log")
+            run_quantize(fork, base, path, qtype, progress=False, log_path=Path(tmp) / "q.log")
             reader = analysis.open_model(path)  # metadata parsing is not part of the passes
             tensors = analysis.hooked_tensors(reader)
             mb = sum(int(t.n_bytes) for t in tensors) / 1e6
@@ -46,11 +50,11 @@ def main() -> None:
 
             def hist_pass():
                 for t in tensors:
-                    analysis.entropy_bits(analysis.value_counts(t)[0])
+                    stats.entropy_bits(stats.value_counts(t)[0])
             timed(hist_pass)  # warm the page cache
             h = min(timed(hist_pass) for _ in range(3))
-            c = timed(analysis.compressibility, path, qtype)
-            d = timed(analysis.damage, base, path)
+            c = timed(stats.compressibility, path, qtype)
+            d = timed(stats.damage, base, path)
             res = subprocess.run([sys.executable, "-c", CHILD, str(path), qtype, str(base)], capture_output=True,
                                  text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
             rss = json.loads(res.stdout.strip().splitlines()[-1])["maxrss_kib"] * 1024

@@ -15,14 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator import assets, build, quantize  # noqa: E402
+from orchestrator import demo  # noqa: E402
+from orchestrator.fork import build  # noqa: E402
+from orchestrator.study.base import prepare_base  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 
 
 def main() -> None:
     fork = build.build(quiet=True)
-    base = quantize.prepare_base(assets.demo_model(), fork).path
+    base = prepare_base(demo.demo_model(), fork).path
     binary = str(fork.binary("llama-quantize"))
     threads = str(os.cpu_count() or 1)
     times = {"off": [], "hist": []}
