@@ -100,9 +100,11 @@ def _vendor_repo():
 
 @patches.command("list")
 def patches_list():
-    """The series, in order, with each patch's subject."""
-    for i, p in enumerate(patches_mod.read_series(paths.patches_dir()), 1):
-        click.echo(f"{i:2d}. {p.name}  {p.subject}")
+    """The series, in order, with each patch's subject and the lines it changes in upstream
+    files and in our own files."""
+    series = patches_mod.read_series(paths.patches_dir())
+    for i, (p, (up, own)) in enumerate(zip(series, patches_mod.footprint(series)), 1):
+        click.echo(f"{i:2d}. {p.name}  {p.subject}  [upstream files: {up} lines, own files: {own} lines]")
 
 
 @patches.command("status")
@@ -141,27 +143,132 @@ def patches_export():
     click.echo(f"exported {len(names)} patch(es) to {paths.patches_dir()}")
 
 
-@patches.command("check")
-@click.option("--sdist-version", help="Check against another llama-cpp-python sdist version.")
-@click.option("--sha256", help="sha256 of that sdist (without it the download is not verified).")
-@click.option("--git-url", help="Check against a git repository ...")
-@click.option("--commit", help="... at this commit.")
-def patches_check(sdist_version, sha256, git_url, commit):
-    """Dry run: does the whole series apply to the pinned upstream (or another one)?"""
+def _pin_option(sdist_version, sha256, git_url, commit) -> "upstream.Pin | None":
     if sdist_version and git_url:
         raise OrchestrateError("give either --sdist-version or --git-url, not both")
     if sdist_version:
-        pin = upstream.sdist_pin(sdist_version, sha256)
-        if not sha256:
-            click.echo("note: no --sha256 given, the download is not verified", err=True)
-    elif git_url:
+        return upstream.sdist_pin(sdist_version, sha256)
+    if git_url:
         if not commit:
             raise OrchestrateError("--git-url needs --commit")
-        pin = upstream.Pin("git", url=git_url, commit=commit)
-    else:
-        pin = upstream.load_pin()
-    names = patches_mod.check(paths.patches_dir(), pin, vendor=paths.vendor_dir())
-    click.echo(f"all {len(names)} patch(es) apply to {pin.ident()}")
+        return upstream.Pin("git", url=git_url, commit=commit)
+    return None
+
+
+def _pin_options(fn):
+    for opt in reversed([
+            click.option("--sdist-version", help="A llama-cpp-python sdist version (its vendored llama.cpp)."),
+            click.option("--sha256", help="sha256 of that sdist (without it: the download's, trusted on first use)."),
+            click.option("--git-url", help="A git repository of llama.cpp ..."),
+            click.option("--commit", help="... at this commit.")]):
+        fn = opt(fn)
+    return fn
+
+
+def _report(results) -> None:
+    for r in results:
+        click.echo(r.line())
+
+
+@patches.command("check")
+@_pin_options
+def patches_check(sdist_version, sha256, git_url, commit):
+    """Dry run: replay the series with 3-way merges onto the pinned upstream (or another one) and
+    report every patch. vendor/ is not touched."""
+    from .fork import port
+    current = upstream.load_pin()
+    pin = _pin_option(sdist_version, sha256, git_url, commit) or current
+    if pin.source == "sdist" and not pin.sha256:
+        click.echo("note: no --sha256 given, the download is not verified", err=True)
+    results = port.check(paths.patches_dir(), pin, current, vendor=paths.vendor_dir())
+    _report(results)
+    bad = [r.name for r in results if r.outcome == port.CONFLICT]
+    if bad:
+        raise OrchestrateError(f"{len(bad)} of {len(results)} patch(es) conflict with {pin.ident()}: {', '.join(bad)}")
+    click.echo(f"all {len(results)} patch(es) apply to {pin.ident()}")
+
+
+@cli.group("upstream")
+def upstream_group():
+    """Move the fork to another upstream llama.cpp."""
+
+
+def _finish_bump(repo) -> None:
+    from . import demo
+    from .fork import port
+    from .study import selftest
+    from .study.base import prepare_base
+
+    def build_and_check(pin):
+        fork = build_mod.build(pin=pin)
+        for name in selftest.run(fork, prepare_base(demo.demo_model(), fork).path):
+            click.echo(f"selftest: {name}: ok")
+    pin = port.finish(repo, paths.patches_dir(), upstream.pin_file(), build_and_check)
+    click.echo(f"upstream is now {pin.ident()} (pinned in {upstream.pin_file()})")
+
+
+def _replayed(fn):
+    from .fork import port
+    try:
+        results = fn()
+    except port.Stopped as e:
+        _report_lines(e.report)
+        raise
+    _report(results)
+
+
+def _report_lines(lines) -> None:
+    for line in lines:
+        click.echo(line)
+
+
+@upstream_group.command("bump")
+@_pin_options
+def upstream_bump(sdist_version, sha256, git_url, commit):
+    """Lay a new upstream down in vendor/llama.cpp, replay the series onto it with 3-way merges,
+    then export, build, run the canary and pin it. Stops on a conflict like git rebase."""
+    from .fork import port
+    pin = _pin_option(sdist_version, sha256, git_url, commit)
+    if pin is None:
+        raise OrchestrateError("give the new upstream: --sdist-version V [--sha256 H] or --git-url U --commit C")
+    pin = port.resolve_sha256(pin)
+    repo = upstream.ensure_vendor(upstream.load_pin())
+    _replayed(lambda: port.start(repo, paths.patches_dir(), pin, upstream.pin_file()))
+    _finish_bump(repo)
+
+
+@upstream_group.command("continue")
+def upstream_continue():
+    """Go on with a bump after resolving a conflict (and `git add`), or after an interruption."""
+    from .fork import port
+    repo = port.vendor_repo()
+    state = port.read_bump(repo)
+    if state is None:
+        raise OrchestrateError("no upstream bump is in progress")
+    if state["phase"] != "replayed":
+        _replayed(lambda: port.resume(repo, paths.patches_dir(), upstream.pin_file()))
+    _finish_bump(repo)
+
+
+@upstream_group.command("abort")
+def upstream_abort():
+    """Undo a bump: vendor/, patches/ and the pin exactly as they were before it."""
+    from .fork import port
+    port.abort(port.vendor_repo(), paths.patches_dir(), upstream.pin_file())
+    click.echo("bump aborted; vendor/llama.cpp, patches/ and the pin are as they were")
+
+
+@cli.command()
+@click.option("--model", type=UserPath(), default=None, help="Base model (default: the built-in demo model).")
+@click.option("--threads", type=click.IntRange(1), default=None)
+def selftest(model, threads):
+    """The canary: check that the built fork's hooks still do their job, in a few seconds."""
+    from . import demo
+    from .study import selftest as canary
+    from .study.base import prepare_base
+    fork = build_mod.current()
+    for name in canary.run(fork, prepare_base(model or demo.demo_model(), fork).path, threads):
+        click.echo(f"ok: {name}")
 
 
 @cli.group()

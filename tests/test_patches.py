@@ -132,7 +132,10 @@ def test_check_against_pinned_and_other_versions(tiny_project):
     assert "all 2 patch(es) apply" in res.stdout
     res = orchestrate("patches", "check", "--git-url", tiny_project["upstream"], "--commit", tiny_project["v2"])
     assert res.returncode == 1
-    assert "b.c" in res.stderr and "does not apply" in res.stderr
+    assert "0001-Change-a3.patch: applied cleanly" in res.stdout
+    assert "0002-Change-b5.patch: conflict" in res.stdout and "b.c" in res.stdout
+    assert res.stderr.strip() == f"error: 1 of 2 patch(es) conflict with git {tiny_project['upstream']}@" \
+                                 f"{tiny_project['v2']}: 0002-Change-b5.patch"
     assert snapshot(v) == before
     assert "worktree" not in git(v, "worktree", "list").split("\n", 1)[-1]
 

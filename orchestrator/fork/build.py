@@ -158,7 +158,9 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
         if done and not quiet:
             print(f"applied {len(done)} patch(es): {', '.join(done)}", file=sys.stderr)
     bdir = paths.build_dir()
-    stamp = inputs_stamp(repo, pin, list(CMAKE_OPTIONS))
+    # the fork names itself in --version ("commit orchestrate-<tree>") without a patch to upstream code
+    ident = f"-DLLAMA_BUILD_COMMIT=orchestrate-{repo.git.rev_parse('HEAD^{tree}')[:10]}"
+    stamp = inputs_stamp(repo, pin, [*CMAKE_OPTIONS, ident])
     stamp_path = bdir / STAMP
     fork = Fork(bdir, stamp)
     if _read_stamp(stamp_path) == stamp and all(fork.binary(t).exists() for t in TARGETS):

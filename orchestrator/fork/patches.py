@@ -8,7 +8,6 @@ file (by sha256) became which commit, so an edited patch file is noticed.
 
 import hashlib
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +119,7 @@ def _am(repo: git.Repo, patch: Patch) -> str:
     return repo.head.commit.hexsha
 
 
-def _refuse_drift(st: Status, what: str) -> None:
+def refuse_drift(st: Status, what: str) -> None:
     if st.drifted:
         found = []
         if st.dirty:
@@ -138,7 +137,7 @@ def apply_series(repo: git.Repo, pdir: Path) -> list[str]:
     the tree and the state are put back exactly as they were.
     """
     st = status(repo, pdir)
-    _refuse_drift(st, "apply patches")
+    refuse_drift(st, "apply patches")
     keep = 0
     while keep < len(st.patches) and st.patches[keep][1] == APPLIED:
         keep += 1
@@ -165,7 +164,7 @@ def apply_series(repo: git.Repo, pdir: Path) -> list[str]:
 def unapply(repo: git.Repo, pdir: Path, discard: bool = False) -> None:
     """Back to pristine upstream. User edits are refused unless discard=True."""
     if not discard:
-        _refuse_drift(status(repo, pdir), "unapply")
+        refuse_drift(status(repo, pdir), "unapply")
     repo.git.reset("--hard", "--quiet", upstream.UPSTREAM_TAG)
     repo.git.clean("-fdq")
     state = upstream.read_state(repo)
@@ -199,28 +198,22 @@ def export(repo: git.Repo, pdir: Path) -> list[str]:
     return names
 
 
-def check(pdir: Path, pin: upstream.Pin, vendor: Path | None = None) -> list[str]:
-    """Dry run: does the whole series apply to `pin`? Nothing in vendor/ changes.
-
-    Uses a temporary worktree of the vendor repository when it holds that pin, else a
-    temporary fresh copy of the upstream tree. Returns the names that applied.
-    """
-    series = read_series(pdir)
-    with tempfile.TemporaryDirectory(prefix="orchestrate-check-") as tmp:
-        tree = Path(tmp) / "tree"
-        main = None
-        if vendor and (vendor / ".git").exists() and upstream.read_state(upstream.open_repo(vendor)).get("pin") == pin.ident():
-            main = upstream.open_repo(vendor)
-            main.git.worktree("add", "--detach", "--quiet", str(tree), upstream.UPSTREAM_TAG)
-            repo = upstream.open_repo(tree)
-        else:
-            upstream.materialize(pin, tree)
-            repo = upstream.init_repo(tree, pin)
-        try:
-            for p in series:
-                _am(repo, p)
-        finally:
-            if main is not None:
-                shutil.rmtree(tree, ignore_errors=True)
-                main.git.worktree("prune")
-    return [p.name for p in series]
+def footprint(series: list[Patch]) -> list[tuple[int, int]]:
+    """Per patch, (lines changed in upstream files, lines in our own files): our own files are
+    the ones some patch of the series creates."""
+    own = set()
+    diffs = []
+    for p in series:
+        text = p.path.read_text(encoding="utf-8", errors="replace")
+        files = re.split(r"^diff --git a/\S+ b/(\S+)$", text, flags=re.M)[1:]
+        per_file = list(zip(files[::2], files[1::2]))
+        own |= {f for f, body in per_file if re.search(r"^new file mode", body, re.M)}
+        diffs.append(per_file)
+    out = []
+    for per_file in diffs:
+        counts = {True: 0, False: 0}
+        for f, body in per_file:
+            changed = len(re.findall(r"^[+-](?![+-]{2} )", body, re.M))
+            counts[f in own] += changed
+        out.append((counts[False], counts[True]))
+    return out

@@ -177,6 +177,9 @@ def ensure_vendor(pin: Pin, vendor: Path | None = None) -> git.Repo:
         repo = open_repo(vendor)
         if read_state(repo).get("pin") == pin.ident():
             return repo
+        if (vendor / ".git" / "orchestrate-bump.json").exists():
+            raise OrchestrateError(f"an upstream bump is in progress in {vendor}: finish it with `orchestrate upstream "
+                                   "continue` or undo it with `orchestrate upstream abort`")
         recorded = [a["commit"] for a in read_state(repo)["applied"]]
         if repo.is_dirty(untracked_files=True) or commits_since_upstream(repo) != recorded:
             raise OrchestrateError(

@@ -1,6 +1,6 @@
 """pablo.conf files and translation tables: read, validate, write.
 
-The reader applies exactly the rules of the fork's C reader (patches/0002,
+The reader applies exactly the rules of the fork's C reader (patches/0001,
 ggml/src/ggml-pablo-conf.c), with the same messages, so that `orchestrate conf check` and
 llama-quantize always give the same verdict; tests/test_conf_differential.py holds the two
 to each other on generated files. Both read bytes, whatever the locale: a leading UTF-8
