@@ -211,3 +211,24 @@ def test_real_series_against_another_release(fork):
     assert [line.split(":")[0] for line in lines[:len(series)]] == series
     assert all(port.CONFLICT not in line for line in lines), res.stdout
     assert res.returncode == 0 and "apply to llama-cpp-python==0.3.33" in res.stdout
+
+
+def test_3_way_merge_of_a_patch_on_a_file_an_earlier_patch_changed(tiny_project):
+    """The second patch's base is a.c as the first patch left it: those blobs must exist even when
+    vendor/ had the series unapplied."""
+    orchestrate("patches", "status", check=True)
+    v = tiny_project["vendor"]
+    (v / "a.c").write_text(A.replace("int a3 = 3;", "int a3 = 33;"))
+    git(v, "commit", "-qam", "Change a3\n\nWhy: a test patch.")
+    (v / "a.c").write_text(A.replace("int a3 = 3;", "int a3 = 33;").replace("int a9 = 9;", "int a9 = 99;"))
+    git(v, "commit", "-qam", "Change a9\n\nWhy: a second patch on the same file.")
+    orchestrate("patches", "export", check=True)
+    orchestrate("patches", "unapply", check=True)
+    before = state(tiny_project)
+    c = new_upstream(tiny_project, a=A.replace("int a7 = 7;", "int a7 = 70;"))  # inside patch 2's context
+    res = orchestrate("patches", "check", "--git-url", tiny_project["upstream"], "--commit", c)
+    assert res.returncode == 0 and "0002-Change-a9.patch: merged (3-way)" in res.stdout, res.stdout + res.stderr
+    repo, pin, results = start(tiny_project, c)
+    assert [r.outcome for r in results] == [port.CLEAN, port.MERGED]
+    assert orchestrate("upstream", "abort").returncode == 0
+    assert state(tiny_project) == before  # unapplied, exactly as it was

@@ -142,10 +142,13 @@ def check(pdir: Path, pin: upstream.Pin, current: upstream.Pin, vendor: Path | N
                 upstream.read_state(upstream.open_repo(vendor)).get("pin") == current.ident():
             git.Repo.clone_from(str(vendor), tree, shared=True, no_checkout=True)
             repo = upstream.open_repo(tree)
-        else:  # the series was made against `current`: its blobs are the 3-way merge's base
+        else:
             upstream.materialize(current, tree)
             repo = upstream.init_repo(tree, current)
         old = repo.git.rev_parse(f"{upstream.UPSTREAM_TAG}^{{commit}}")
+        repo.git.reset("--hard", "--quiet", old)
+        upstream.write_state(repo, {"pin": current.ident(), "applied": []})
+        patches_mod.apply_series(repo, pdir)  # the series' own blobs: the 3-way merges' base
         start = old if pin.ident() == current.ident() else new_upstream_commit(repo, pin, old)
         repo.git.reset("--hard", "--quiet", start)
         results = []
@@ -192,6 +195,7 @@ def start(repo: git.Repo, pdir: Path, pin: upstream.Pin, pin_file: Path) -> list
                         "state": upstream.read_state(repo), "pin_text": read_text(pin_file)}}
     write_json(_bump_path(repo), state)
     repo.git.update_ref(BEFORE_REF, head)
+    patches_mod.apply_series(repo, pdir)  # the series' own blobs are the 3-way merges' base
     new = new_upstream_commit(repo, pin, state["before"]["upstream"])
     state.update(phase="replaying", new_upstream=new)
     write_json(_bump_path(repo), state)
