@@ -207,19 +207,15 @@ def _finish_bump(repo) -> None:
     click.echo(f"upstream is now {pin.ident()} (pinned in {upstream.pin_file()})")
 
 
-def _replayed(fn):
+def _replayed(fn) -> None:
+    """Run a replay step and print every patch's outcome, also when it stops on a conflict."""
     from .fork import port
     try:
         results = fn()
     except port.Stopped as e:
-        _report_lines(e.report)
+        click.echo("\n".join(e.report))
         raise
     _report(results)
-
-
-def _report_lines(lines) -> None:
-    for line in lines:
-        click.echo(line)
 
 
 @upstream_group.command("bump")

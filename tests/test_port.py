@@ -232,3 +232,23 @@ def test_3_way_merge_of_a_patch_on_a_file_an_earlier_patch_changed(tiny_project)
     assert [r.outcome for r in results] == [port.CLEAN, port.MERGED]
     assert orchestrate("upstream", "abort").returncode == 0
     assert state(tiny_project) == before  # unapplied, exactly as it was
+
+
+def test_selftest_passes_on_the_fork(fork):
+    res = orchestrate("selftest")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("ok: ") == 4
+
+
+def test_selftest_names_the_check_a_dead_hook_fails(fork, demo_base, tmp_path):
+    """A fork whose llama-quantize never sees its configuration (as if an upstream refactor had
+    moved the hook away): the canary fails, and names the check."""
+    from orchestrator.fork.build import Fork
+    from orchestrator.study import selftest
+    (tmp_path / "bin").mkdir()
+    wrapper = tmp_path / "bin" / "llama-quantize"
+    wrapper.write_text(f"#!/bin/sh\nunset PABLO_CONF\ncd /\nexec {fork.binary('llama-quantize')} \"$@\"\n")
+    wrapper.chmod(0o755)
+    dead = Fork(tmp_path, fork.stamp)
+    with pytest.raises(selftest.CanaryFailed, match=r"selftest failed: hooks off and MODE=simple .*no histograms"):
+        selftest.run(dead, demo_base)

@@ -56,49 +56,57 @@ def _recount_matches(model: Path, hist_json: Path, codes_of=None) -> bool:
 
 
 def run(fork: Fork, base: Path, threads: int | None = None) -> list[str]:
-    """Every check in turn; returns their names, raises CanaryFailed naming the first that fails."""
+    """Every check in turn; returns their names, raises CanaryFailed naming the first that fails
+    (a check whose quantization itself fails has failed too)."""
     table = load_table(paths.conf_dir() / "tables" / "balanced.table", "balanced")
-    passed = []
-
-    def check(name: str, ok: bool) -> None:
-        if not ok:
-            raise CanaryFailed(f"selftest failed: {name} (fork {fork.id})")
-        passed.append(name)
-
+    codes_of = np.zeros(256, dtype=np.int64)
+    for c, lev in enumerate(table.level):
+        codes_of[lev + 128] = c
     with tempfile.TemporaryDirectory(prefix="orchestrate-selftest-") as tmp:
         d = Path(tmp)
-        q = lambda name, qtype, **kw: run_quantize(fork, base, d / f"{name}.gguf", qtype, threads=threads,  # noqa: E731
-                                                  progress=False, log_path=d / f"{name}.log", **kw)
-        q("off", "Q4_0")
-        q("simple", "Q4_0", hist=d / "simple.json")
-        check("hooks off and MODE=simple write the same bytes",
-              (d / "off.gguf").read_bytes() == (d / "simple.gguf").read_bytes())
 
-        q("radius", "Q4_0", pablo=True, radius=RADIUS, hist=d / "radius.json")
-        stock, zeroed = _values(d / "off.gguf"), _values(d / "radius.gguf")
-        ok = bool(stock) and stock.keys() == zeroed.keys()
-        changed = 0
-        for name, (typ, s0, v0) in stock.items():
-            _, s1, v1 = zeroed[name]
-            small = (np.abs(v0) <= RADIUS) & (v0 != 0) if typ == analysis.Q4_0 else np.zeros_like(v0, dtype=bool)
-            ok &= np.array_equal(s0, s1) and bool(np.all(v1[small] == 0)) and np.array_equal(v1[~small], v0[~small])
-            changed += int(small.sum())
-        check(f"radius {RADIUS} zeroes exactly the Q4_0 values with |v| <= {RADIUS}", ok and changed > 0)
+        def q(name, qtype, **kw):
+            run_quantize(fork, base, d / f"{name}.gguf", qtype, threads=threads, progress=False,
+                         log_path=d / f"{name}.log", **kw)
+            return d / f"{name}.gguf"
 
-        q("q8", "Q8_0")
-        q("table", "Q8_0", pablo=True, table=table, hist=d / "table.json")
-        stock, coded = _values(d / "q8.gguf"), _values(d / "table.gguf")
-        ok = bool(stock) and stock.keys() == coded.keys()
-        for name, (_, s0, v0) in stock.items():
-            _, s1, v1 = coded[name]
-            ok &= np.array_equal(s0, s1) and np.array_equal(v1, table.translate(v0))
-        check("the balanced table stores level[code(q)] for every Q8_0 value", ok)
+        def simple_is_stock():
+            return q("off", "Q4_0").read_bytes() == q("simple", "Q4_0", hist=d / "simple.json").read_bytes()
 
-        codes_of = np.zeros(256, dtype=np.int64)
-        for c, lev in enumerate(table.level):
-            codes_of[lev + 128] = c
-        check("histograms equal a recount from the written files",
-              _recount_matches(d / "simple.gguf", d / "simple.json") and
-              _recount_matches(d / "radius.gguf", d / "radius.json") and
-              _recount_matches(d / "table.gguf", d / "table.json", codes_of))
-    return passed
+        def radius_zeroes_small_values():
+            stock = _values(d / "off.gguf")
+            zeroed = _values(q("radius", "Q4_0", pablo=True, radius=RADIUS, hist=d / "radius.json"))
+            ok, changed = bool(stock) and stock.keys() == zeroed.keys(), 0
+            for name, (typ, s0, v0) in stock.items():
+                _, s1, v1 = zeroed[name]
+                small = (np.abs(v0) <= RADIUS) & (v0 != 0) if typ == analysis.Q4_0 else np.zeros_like(v0, dtype=bool)
+                ok &= np.array_equal(s0, s1) and bool(np.all(v1[small] == 0)) and np.array_equal(v1[~small], v0[~small])
+                changed += int(small.sum())
+            return ok and changed > 0
+
+        def table_stores_levels():
+            stock = _values(q("q8", "Q8_0"))
+            coded = _values(q("table", "Q8_0", pablo=True, table=table, hist=d / "table.json"))
+            ok = bool(stock) and stock.keys() == coded.keys()
+            for name, (_, s0, v0) in stock.items():
+                _, s1, v1 = coded[name]
+                ok &= np.array_equal(s0, s1) and np.array_equal(v1, table.translate(v0))
+            return ok
+
+        def histograms_recount():
+            return (_recount_matches(d / "simple.gguf", d / "simple.json")
+                    and _recount_matches(d / "radius.gguf", d / "radius.json")
+                    and _recount_matches(d / "table.gguf", d / "table.json", codes_of))
+
+        checks = [("hooks off and MODE=simple write the same bytes", simple_is_stock),
+                  (f"radius {RADIUS} zeroes exactly the Q4_0 values with |v| <= {RADIUS}", radius_zeroes_small_values),
+                  ("the balanced table stores level[code(q)] for every Q8_0 value", table_stores_levels),
+                  ("histograms equal a recount from the written files", histograms_recount)]
+        for name, check in checks:
+            try:
+                ok = check()
+            except OrchestrateError as e:
+                raise CanaryFailed(f"selftest failed: {name} ({e}) (fork {fork.id})") from None
+            if not ok:
+                raise CanaryFailed(f"selftest failed: {name} (fork {fork.id})")
+    return [name for name, _ in checks]
