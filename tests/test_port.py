@@ -73,7 +73,7 @@ def test_clean_bump(tiny_project):
     assert git(v, "show", "upstream:a.c") == (A + "int a_new = 1;\n").strip()
     st = orchestrate("patches", "status", check=True).stdout
     assert "not applied" not in st and "drifted" not in st
-    assert not port.in_progress(v)
+    assert not upstream.bump_in_progress(v)
 
 
 def test_bump_that_needs_a_3_way_merge(tiny_project):
@@ -96,7 +96,7 @@ def test_conflict_then_continue_exports_the_resolution(tiny_project):
     assert "0001-Change-a3.patch: applied cleanly" in res.stdout
     assert "0002-Change-b5.patch: conflict in b.c" in res.stdout
     assert res.stderr.startswith("error: 0002-Change-b5.patch conflicts with the new upstream (b.c)")
-    assert "<<<<<<<" in (v / "b.c").read_text() and port.in_progress(v)
+    assert "<<<<<<<" in (v / "b.c").read_text() and upstream.bump_in_progress(v)
     # the pin is untouched while the bump is open; other commands refuse to touch vendor/
     assert upstream.load_pin().commit == tiny_project["v1"]
     res = orchestrate("build")
@@ -135,7 +135,7 @@ def test_abort_restores_exactly(tiny_project):
     res = orchestrate("upstream", "abort")
     assert res.returncode == 0, res.stderr
     assert state(tiny_project) == before
-    assert not (tiny_project["vendor"] / "c.c").exists() and not port.in_progress(tiny_project["vendor"])
+    assert not (tiny_project["vendor"] / "c.c").exists() and not upstream.bump_in_progress(tiny_project["vendor"])
     assert orchestrate("upstream", "abort").returncode == 1  # nothing left to abort
 
 
@@ -164,7 +164,7 @@ def test_killed_bump_can_be_continued_or_aborted(tiny_project, then):
                           env={**os.environ}, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     v = tiny_project["vendor"]
-    assert port.in_progress(v) and len(upstream.commits_since_upstream(upstream.open_repo(v))) == 1
+    assert upstream.bump_in_progress(v) and len(upstream.commits_since_upstream(upstream.open_repo(v))) == 1
     if then == "abort":
         assert orchestrate("upstream", "abort").returncode == 0
         assert state(tiny_project) == before

@@ -33,7 +33,6 @@ from . import patches as patches_mod
 from . import upstream
 
 CLEAN, MERGED, BY_HAND, CONFLICT = "applied cleanly", "merged (3-way)", "resolved by hand", "conflict"
-BUMP_FILE = "orchestrate-bump.json"   # in vendor/.git
 BACKUP = "orchestrate-bump-patches"   # in vendor/.git: patches/ as it was before the bump
 BEFORE_REF = "refs/orchestrate/before-bump"
 
@@ -164,16 +163,12 @@ def check(pdir: Path, pin: upstream.Pin, current: upstream.Pin, vendor: Path | N
 # ---- upstream bump -----------------------------------------------------------------------
 
 def _bump_path(repo: git.Repo) -> Path:
-    return Path(repo.git_dir) / BUMP_FILE
+    return Path(repo.git_dir) / upstream.BUMP_FILE
 
 
 def read_bump(repo: git.Repo) -> dict | None:
     path = _bump_path(repo)
     return read_json(path) if path.exists() else None
-
-
-def in_progress(vendor: Path) -> bool:
-    return (vendor / ".git" / BUMP_FILE).exists()
 
 
 def pin_to_dict(pin: upstream.Pin) -> dict:

@@ -22,6 +22,7 @@ from ..files import read_json, write_json
 
 UPSTREAM_TAG = "upstream"
 STATE_FILE = "orchestrate.json"  # inside .git/: which patches are applied as which commits
+BUMP_FILE = "orchestrate-bump.json"  # inside .git/: an upstream bump in progress (fork/port.py)
 
 # Commits we make are reproducible: fixed identity, fixed date for the upstream commit,
 # committer date = author date for applied patches.
@@ -166,6 +167,10 @@ def write_state(repo: git.Repo, state: dict) -> None:
     write_json(Path(repo.git_dir) / STATE_FILE, state)
 
 
+def bump_in_progress(vendor: Path) -> bool:
+    return (vendor / ".git" / BUMP_FILE).exists()
+
+
 def ensure_vendor(pin: Pin, vendor: Path | None = None) -> git.Repo:
     """Return the vendor repository for `pin`, creating it if needed.
 
@@ -177,7 +182,7 @@ def ensure_vendor(pin: Pin, vendor: Path | None = None) -> git.Repo:
         repo = open_repo(vendor)
         if read_state(repo).get("pin") == pin.ident():
             return repo
-        if (vendor / ".git" / "orchestrate-bump.json").exists():
+        if bump_in_progress(vendor):
             raise OrchestrateError(f"an upstream bump is in progress in {vendor}: finish it with `orchestrate upstream "
                                    "continue` or undo it with `orchestrate upstream abort`")
         recorded = [a["commit"] for a in read_state(repo)["applied"]]
