@@ -149,8 +149,8 @@ def _pin_option(sdist_version, sha256, git_url, commit) -> "upstream.Pin | None"
     if sdist_version:
         return upstream.sdist_pin(sdist_version, sha256)
     if git_url:
-        if not commit:
-            raise OrchestrateError("--git-url needs --commit")
+        if not commit or len(commit) != 40 or any(c not in "0123456789abcdef" for c in commit.lower()):
+            raise OrchestrateError("--git-url needs --commit with a full 40-hex commit id")
         return upstream.Pin("git", url=git_url, commit=commit)
     return None
 

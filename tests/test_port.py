@@ -139,6 +139,12 @@ def test_abort_restores_exactly(tiny_project):
     assert state(tiny_project) == before
     assert not (tiny_project["vendor"] / "c.c").exists() and not upstream.bump_in_progress(tiny_project["vendor"])
     assert orchestrate("upstream", "abort").returncode == 1  # nothing left to abort
+    # an upstream that cannot be fetched leaves nothing open
+    res = orchestrate("upstream", "bump", "--git-url", tiny_project["upstream"], "--commit", "0" * 40)
+    assert res.returncode == 1 and "cannot fetch" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert state(tiny_project) == before and not upstream.bump_in_progress(tiny_project["vendor"])
+    res = orchestrate("upstream", "bump", "--git-url", tiny_project["upstream"], "--commit", "abc")
+    assert res.returncode == 1 and "full 40-hex commit id" in res.stderr
 
 
 KILL_AFTER_FIRST_PATCH = """

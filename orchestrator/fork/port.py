@@ -190,8 +190,12 @@ def start(repo: git.Repo, pdir: Path, pin: upstream.Pin, pin_file: Path) -> list
                         "state": upstream.read_state(repo), "pin_text": read_text(pin_file)}}
     write_json(_bump_path(repo), state)
     repo.git.update_ref(BEFORE_REF, head)
-    patches_mod.apply_series(repo, pdir)  # the series' own blobs are the 3-way merges' base
-    new = new_upstream_commit(repo, pin, state["before"]["upstream"])
+    try:
+        patches_mod.apply_series(repo, pdir)  # the series' own blobs are the 3-way merges' base
+        new = new_upstream_commit(repo, pin, state["before"]["upstream"])
+    except OrchestrateError:  # e.g. the new upstream cannot be fetched: nothing to continue
+        abort(repo, pdir, pin_file)
+        raise
     state.update(phase="replaying", new_upstream=new)
     write_json(_bump_path(repo), state)
     repo.git.reset("--hard", "--quiet", new)
