@@ -49,3 +49,24 @@ def test_patch_series_applies_to_pinned_upstream(fork):
     assert "apply to llama-cpp-python==0.3.36" in res.stdout
     st = orchestrate("patches", "status", check=True).stdout
     assert "not applied" not in st and "drifted" not in st
+
+
+def test_the_portable_build_is_vectorised(fork):
+    """GGML_NATIVE=OFF must still give the x86-64-v3 kernels, whatever the directory was before."""
+    import platform
+    cache = (fork.build_dir / "CMakeCache.txt").read_text()
+    assert "GGML_NATIVE:BOOL=OFF" in cache
+    if platform.machine() in ("x86_64", "AMD64"):
+        for opt in ("GGML_AVX2", "GGML_FMA", "GGML_F16C"):
+            assert f"{opt}:BOOL=ON" in cache, opt
+
+
+def test_changed_options_configure_from_scratch(tmp_path):
+    """CMake keeps cached defaults: a cache made with other options is thrown away, never reused."""
+    (tmp_path / "CMakeFiles").mkdir()
+    (tmp_path / "CMakeCache.txt").write_text("GGML_AVX2:BOOL=OFF\n")
+    (tmp_path / build.CONFIGURED).write_text('["-DGGML_NATIVE=OFF"]')
+    build.fresh_cache(tmp_path, ["-DGGML_NATIVE=OFF"])
+    assert (tmp_path / "CMakeCache.txt").exists()  # same options: an incremental build
+    build.fresh_cache(tmp_path, ["-DGGML_NATIVE=OFF", "-DGGML_BLAS=ON"])
+    assert not (tmp_path / "CMakeCache.txt").exists() and not (tmp_path / "CMakeFiles").exists()

@@ -38,6 +38,7 @@ CMAKE_OPTIONS = [
     "-DGGML_NATIVE=OFF",
 ]
 STAMP = "orchestrate-stamp.json"
+CONFIGURED = "orchestrate-configured.json"  # the CMake options the build directory's cache was made with
 LOG = "build.log"
 
 
@@ -158,9 +159,7 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
         if done and not quiet:
             print(f"applied {len(done)} patch(es): {', '.join(done)}", file=sys.stderr)
     bdir = paths.build_dir()
-    # the fork names itself in --version ("commit orchestrate-<tree>") without a patch to upstream code
-    ident = f"-DLLAMA_BUILD_COMMIT=orchestrate-{repo.git.rev_parse('HEAD^{tree}')[:10]}"
-    stamp = inputs_stamp(repo, pin, [*CMAKE_OPTIONS, ident])
+    stamp = inputs_stamp(repo, pin, list(CMAKE_OPTIONS))
     stamp_path = bdir / STAMP
     fork = Fork(bdir, stamp)
     if _read_stamp(stamp_path) == stamp and all(fork.binary(t).exists() for t in TARGETS):
@@ -173,10 +172,14 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
     log_path = bdir / LOG
     jobs = jobs or os.cpu_count() or 1
     t0 = time.monotonic()
+    fresh_cache(bdir, stamp["cmake_options"])
+    # the fork names itself in --version ("commit orchestrate-<tree>") without a patch to upstream code
+    ident = f"-DLLAMA_BUILD_COMMIT=orchestrate-{stamp['tree'][:10]}"
     with open(log_path, "w", encoding="utf-8") as log:
         try:
-            _run(["cmake", "-S", str(repo.working_dir), "-B", str(bdir), *stamp["cmake_options"], *tooling(bdir)],
-                 log, "configure", None)
+            _run(["cmake", "-S", str(repo.working_dir), "-B", str(bdir), *stamp["cmake_options"], ident,
+                  *tooling(bdir)], log, "configure", None)
+            write_json(bdir / CONFIGURED, stamp["cmake_options"])
             _run(["cmake", "--build", str(bdir), "--parallel", str(jobs), "--target", *TARGETS],
                  log, "build", None if quiet else Progress())
         except subprocess.CalledProcessError:
@@ -188,6 +191,20 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
     if not quiet:
         print(f"built fork {stamp['id']} in {time.monotonic() - t0:.0f} s; log: {log_path}", file=sys.stderr)
     return fork
+
+
+def fresh_cache(bdir: Path, options: list[str]) -> None:
+    """Configure from scratch when the options differ from those the cache was made with: CMake
+    keeps cached values that other options only default (GGML_NATIVE=OFF given to a directory
+    configured native leaves AVX2 off), so the same options must never depend on the directory's
+    history. ccache keeps the rebuild cheap."""
+    try:
+        same = read_json(bdir / CONFIGURED) == options
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        (bdir / "CMakeCache.txt").unlink(missing_ok=True)
+        shutil.rmtree(bdir / "CMakeFiles", ignore_errors=True)
 
 
 def _read_stamp(path: Path) -> dict | None:
