@@ -258,7 +258,7 @@ def upstream_abort():
 @click.option("--model", type=UserPath(), default=None, help="Base model (default: the built-in demo model).")
 @click.option("--threads", type=click.IntRange(1), default=None)
 def selftest(model, threads):
-    """The canary: check that the built fork's hooks still do their job, in a few seconds."""
+    """The canary: check that the built fork's hooks still do their job (about 20 s on the demo)."""
     from . import demo
     from .study import selftest as canary
     from .study.base import prepare_base
