@@ -88,11 +88,13 @@ def tooling(bdir: Path) -> list[str]:
     return opts
 
 
-def _untracked_digest(repo) -> str:
-    """sha256 over the names and contents of untracked source files."""
+def _untracked_digest(repo) -> str | None:
+    """sha256 over the names and contents of untracked source files (None when there are none)."""
     h = hashlib.sha256()
-    names = repo.git.ls_files("--others", "--exclude-standard", "-z").split("\0")
-    for name in sorted(n for n in names if n):
+    names = sorted(n for n in repo.git.ls_files("--others", "--exclude-standard", "-z").split("\0") if n)
+    if not names:
+        return None
+    for name in names:
         h.update(name.encode() + b"\0")
         try:
             h.update(Path(repo.working_dir, name).read_bytes())
@@ -106,11 +108,11 @@ def inputs_stamp(repo, pin: upstream.Pin, opts: list[str]) -> dict:
     """Everything that determines the binaries: the pin, the exact source tree, the options."""
     tree = repo.git.rev_parse("HEAD^{tree}")
     diff = repo.git.diff("HEAD", "--binary")  # a developer's uncommitted edits count too
-    untracked = repo.git.ls_files("--others", "--exclude-standard")
+    untracked = _untracked_digest(repo)
     stamp = {
         "pin": pin.ident(),
         "tree": tree,
-        "uncommitted": hashlib.sha256((diff + "\0" + _untracked_digest(repo)).encode()).hexdigest()
+        "uncommitted": hashlib.sha256((diff + "\0" + (untracked or "")).encode()).hexdigest()
         if (diff or untracked) else None,
         "cmake_options": opts,
         "applied": [a["name"] for a in upstream.read_state(repo)["applied"]],

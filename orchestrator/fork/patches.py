@@ -95,12 +95,23 @@ def status(repo: git.Repo, pdir: Path) -> Status:
     return Status(states, _dirty_paths(repo), foreign_desc, [r["commit"] for r in valid])
 
 
-def _failure_report(patch: Patch, output: str) -> str:
+AM_ARGS = ("--quiet", "--committer-date-is-author-date", "--whitespace=nowarn")
+
+
+def failure_spots(output: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Where `git am` says a patch failed: (file, hunk line) pairs, and (file, why) for files
+    that are missing or already there."""
     spots = re.findall(r"patch failed: (\S+):(\d+)", output)
+    missing = re.findall(r"error: (\S+): (does not exist in index|No such file or directory|already exists in index)",
+                         output)
+    return spots, missing
+
+
+def _failure_report(patch: Patch, output: str) -> str:
+    spots, missing = failure_spots(output)
     if spots:
         where = "; ".join(f"{f}, hunk at line {n}" for f, n in spots)
     else:
-        missing = re.findall(r"error: (\S+): (does not exist in index|No such file or directory|already exists in index)", output)
         where = "; ".join(f"{f}: {why}" for f, why in missing) or (output.strip().splitlines() or ["?"])[0]
     return f"patch {patch.name} ({patch.subject}) does not apply: {where}"
 
@@ -108,7 +119,7 @@ def _failure_report(patch: Patch, output: str) -> str:
 def _am(repo: git.Repo, patch: Patch) -> str:
     """Apply one patch as a commit; return the new commit id or raise with a report."""
     try:
-        repo.git.am("--quiet", "--committer-date-is-author-date", "--whitespace=nowarn", str(patch.path.resolve()))
+        repo.git.am(*AM_ARGS, str(patch.path.resolve()))
     except git.GitCommandError as e:
         report = _failure_report(patch, f"{e.stdout}\n{e.stderr}")
         try:

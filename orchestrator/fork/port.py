@@ -58,8 +58,8 @@ class PatchResult:
 
 def patch_files(patch: patches_mod.Patch) -> set[str]:
     """The files a patch touches (both sides of renames)."""
-    return set(re.findall(r"^diff --git a/(\S+) b/\S+$", read_text(patch.path), re.M)) | \
-        set(re.findall(r"^diff --git a/\S+ b/(\S+)$", read_text(patch.path), re.M))
+    pairs = re.findall(r"^diff --git a/(\S+) b/(\S+)$", read_text(patch.path), re.M)
+    return {f for pair in pairs for f in pair}
 
 
 def mark_dependencies(series: list[patches_mod.Patch], results: list[PatchResult]) -> None:
@@ -105,15 +105,14 @@ def am_in_progress(repo: git.Repo) -> bool:
 def apply_one(repo: git.Repo, patch: patches_mod.Patch) -> PatchResult:
     """Apply one patch as a commit: plainly if it can, else with a 3-way merge. On a conflict the
     `git am` is left in progress, with conflict markers where git could merge at all."""
-    args = ["--quiet", "--committer-date-is-author-date", "--whitespace=nowarn"]
     try:
-        repo.git.am(*args, str(patch.path.resolve()))
+        repo.git.am(*patches_mod.AM_ARGS, str(patch.path.resolve()))
         return PatchResult(patch.name, CLEAN)
     except git.GitCommandError as e:
         plain = f"{e.stdout}\n{e.stderr}"
         repo.git.am("--abort")
     try:
-        repo.git.am("-3", *args, str(patch.path.resolve()))
+        repo.git.am("-3", *patches_mod.AM_ARGS, str(patch.path.resolve()))
         return PatchResult(patch.name, MERGED)
     except git.GitCommandError as e:
         out = f"{e.stdout}\n{e.stderr}"
@@ -121,8 +120,10 @@ def apply_one(repo: git.Repo, patch: patches_mod.Patch) -> PatchResult:
     if files:
         return PatchResult(patch.name, CONFLICT, files, "conflict markers in the files")
     # no merge was possible (e.g. a file the patch changes is gone): say where it failed
-    spots = re.findall(r"patch failed: (\S+):(\d+)", plain) or re.findall(r"patch failed: (\S+):(\d+)", out)
-    missing = re.findall(r"error: (\S+): (does not exist in index|No such file or directory)", out + plain)
+    spots, missing = patches_mod.failure_spots(plain)
+    if not spots:
+        spots = patches_mod.failure_spots(out)[0]
+    missing += patches_mod.failure_spots(out)[1]
     where = [f"{f} (hunk at line {n})" for f, n in spots] + [f"{f} ({why})" for f, why in missing]
     reason = "; ".join(where) or ((out.strip().splitlines() or ["?"])[-1])
     return PatchResult(patch.name, CONFLICT, sorted({f for f, _ in spots} | {f for f, _ in missing}),
