@@ -333,16 +333,19 @@ def quantize(base, out, qtype, mode, radius, table, hist, threads, llama_env, ex
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for llama-* (default: all cores).")
 @click.option("--damage", "damage_variant", default=None,
               help="Variant whose per-tensor weight error is drawn as a heat-map (default: the largest radius).")
+@click.option("--reference", default=None,
+              help="Variant every other is compared with, token by token (default: q4_0, stock Q4_0).")
 @LLAMA_ENV
 def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, keep_models, threads, damage_variant,
-          llama_env):
+          reference, llama_env):
     """Quantize and score every variant of an experiment; write results, figures and a report."""
     from .study import experiment
     from .study import sweep as sweep_mod
     exp = experiment.override(experiment.load_experiment(config), radius=radius, tables=tables, types=types,
                               ctx=ctx, chunks=chunks)
     out_dir, doc = sweep_mod.sweep(exp, model, text, out, kld=kld, keep_models=keep_models, threads=threads,
-                                   damage_variant=damage_variant, llama_env=_llama_env(llama_env))
+                                   damage_variant=damage_variant, llama_env=_llama_env(llama_env),
+                                   reference=reference)
     failed = [r["name"] for r in doc["variants"] if r["status"] != "ok"]
     click.echo(f"report: {out_dir / 'report.md'}")
     if failed:
@@ -357,6 +360,30 @@ def plot(directory, damage_variant):
     from .report.report import redraw
     for title, path in redraw(directory, damage_variant):
         click.echo(f"{directory / path}  ({title})")
+
+
+@cli.command()
+@click.argument("directory", type=UserPath())
+@click.argument("a")
+@click.argument("b")
+def compare(directory, a, b):
+    """Compare variants A and B of a sweep token by token: ln(PPL ratio) with its paired error
+    and bootstrap interval (and KL divergence, same top token with --kld)."""
+    from . import results
+    from .report.report import scores_path
+    from .study import paired, scores
+    doc = results.load(directory)
+    found = {}
+    for name in (a, b):
+        row = next((r for r in doc["variants"] if r["name"] == name), None)
+        if row is None:
+            raise OrchestrateError(f"no variant {name} in {directory} (variants: "
+                                   + ", ".join(r["name"] for r in doc["variants"]) + ")")
+        if row["status"] != "ok":
+            raise OrchestrateError(f"variant {name} failed in that sweep: nothing to compare")
+        found[name] = scores.read(scores_path(directory, name))
+    for line in paired.report_pair(a, b, found[a], found[b]):
+        click.echo(line)
 
 
 @cli.group()

@@ -244,11 +244,41 @@ def fig_damage(doc, out, name):
     return _save(fig, out, f"damage-{name}")
 
 
+def fig_forest(doc, out: Path) -> str | None:
+    """Paired differences of ln(PPL) with their intervals, against the base and the reference."""
+    pr = doc.get("paired") or {}
+    panels = [(f"against the base ({pr.get('base')})", pr.get("vs_base") or {}, lambda c: c),
+              (f"against the reference ({pr.get('reference')})", pr.get("vs_reference") or {}, lambda c: c["nll"])]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        return None
+    names = [n for n in reversed(pr["ranking"])]  # best at the top
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 1.6 + 0.32 * len(names)), squeeze=False,
+                             sharey=True, layout="constrained")
+    y = np.arange(len(names))
+    for ax, (title, comparisons, pick) in zip(axes[0], panels):
+        for i, n in enumerate(names):
+            if n in comparisons:
+                c = pick(comparisons[n])
+                apart = not (c["lo"] <= 0 <= c["hi"])
+                ax.errorbar(c["mean"], i, xerr=[[c["mean"] - c["lo"]], [c["hi"] - c["mean"]]], fmt="o",
+                            color="C3" if apart and c["mean"] > 0 else "C2" if apart else "0.4", capsize=3, ms=4)
+        ax.axvline(0, color="k", lw=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"ln(PPL ratio), {pr['confidence']:.0%} bootstrap interval over chunks")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(y, names)
+    axes[0][0].set_ylim(-0.6, len(names) - 0.4)
+    fig.suptitle("Paired differences (right of 0: worse; grey: cannot be told apart)\n" + _subtitle(doc), fontsize=9)
+    return _save(fig, out, "paired_forest")
+
+
 def draw_all(doc: dict, out: Path, damage_variant: str | None = None) -> list[tuple[str, str]]:
     """Every figure the results allow; returns (title, PNG file name) pairs."""
     out = Path(out)
     damage_variant = damage_variant or default_damage_variant(doc)
     figs = [("Perplexity per variant", fig_perplexity(doc, out)),
+            ("Paired differences (forest plot)", fig_forest(doc, out)),
             ("Perplexity against effective bits per weight", fig_tradeoff(doc, out)),
             ("Perplexity against zero radius", fig_radius(doc, out)),
             ("Zero-run histograms", fig_zero_runs(doc, out)),

@@ -2,6 +2,7 @@
 
 import csv
 import io
+import math
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from . import plots
 CSV_COLUMNS = ["name", "kind", "type", "mode", "radius", "table", "status", "ppl", "ppl_err", "kld", "kld_err",
                "same_top", "same_top_err", "rms_dp", "file_bytes", "bpw", "zero_fraction", "isolated_zero_share",
                "entropy_bpw", "rle_bpw", "zstd_bpw", "weight_rel_rmse", "table_file", "quantize_seconds",
-               "perplexity_seconds", "analysis_seconds", "reason", "log", "run_dir"]
+               "perplexity_seconds", "analysis_seconds", "scored_for", "tensor_key", "reason", "log", "run_dir"]
 
 
 def write_csv(doc: dict, path: Path) -> None:
@@ -26,16 +27,23 @@ def write_csv(doc: dict, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
+def scores_path(out: Path, name: str) -> Path:
+    """A variant's per-token scores, as copied into the sweep directory."""
+    return Path(out) / "scores" / f"{name}.bin"
+
+
 def copy_artifacts(doc: dict, out: Path) -> None:
-    """Bring each variant's histograms and per-tensor damage into the sweep directory, so it
-    stands alone (figures are redrawn from it)."""
-    for sub in ("hist", "damage"):
+    """Bring each variant's histograms, per-tensor damage and per-token scores into the sweep
+    directory, so it stands alone (figures are redrawn and pairs compared from it)."""
+    for sub in ("hist", "damage", "scores"):
         (out / sub).mkdir(exist_ok=True)
     for row in doc["variants"]:
         run = Path(row.get("run_dir") or "/nonexistent")
         row["hist"] = row["damage"] = None
         if row["status"] != "ok":
             continue
+        if Path(row.get("scores_file") or "/nonexistent").exists():
+            write_atomic(scores_path(out, row["name"]), Path(row["scores_file"]).read_bytes())
         if (run / "hist.json").exists():
             write_atomic(out / "hist" / f"{row['name']}.json", (run / "hist.json").read_bytes())
             row["hist"] = f"hist/{row['name']}.json"
@@ -87,15 +95,15 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
         if p["kld"]:
             line += f" {_fmt(r.get('kld'), '.6f')} | {_fmt(r.get('same_top'), '.2f')}{'%' if r.get('same_top') is not None else ''} |"
         lines.append(line)
-    lines += ["", "± is llama-perplexity's estimate of the standard error of the mean over the scored tokens. "
-              "Two variants whose difference is smaller than about twice their combined error are not "
-              "distinguishable with this much text; score more chunks (`--chunks`) or use `--kld`, which "
-              "compares token by token against the base.", "",
+    lines += ["", "± is llama-perplexity's own standard error. Do not compare two variants by it: every variant "
+              "scores the same tokens, so their errors are strongly correlated; the paired comparisons below "
+              "tell variants apart.", "",
               "*bits/weight*: tensor data as stored; *zstd bits/weight*: the same bytes compressed with zstd "
               "(level 3), measured; *value entropy*: Shannon entropy of the stored values of the variant's main "
               "type, in bits per weight (scales not included); *weight error*: RMSE of all weights against the "
               "base, relative to the base's RMS; *zeros*: share of the main type's values stored as 0; "
               "*isolated zeros*: share of those zeros with no zero neighbour in their row (runs of length 1).", ""]
+    lines += render_paired(doc)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["## Failures", ""] + [f"- `{r['name']}`: {r['reason']}" + (f" (log: `{r['log']}`)" if r.get("log") else "")
@@ -108,6 +116,60 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
         for c in r.get("commands", []):
             lines.append(f"- `{r['name']}`: `{' '.join(c)}`")
     return "\n".join(lines) + "\n"
+
+
+def _ci(c: dict, scale: float = 1, fmt: str = "+.4f") -> str:
+    return f"{scale * c['mean']:{fmt}} [{scale * c['lo']:{fmt}}, {scale * c['hi']:{fmt}}]"
+
+
+def _ratio(c: dict) -> str:
+    return f"{math.exp(c['mean']):.4f} [{math.exp(c['lo']):.4f}, {math.exp(c['hi']):.4f}]"
+
+
+def render_paired(doc: dict) -> list[str]:
+    """The paired comparisons: against the base and the reference, the ranking, the groups."""
+    pr = doc.get("paired") or {}
+    lines = ["## Paired comparisons", ""]
+    if "error" in pr or not pr.get("ranking"):
+        return lines + [f"Not available: {pr.get('error', 'no variant was scored')}", ""]
+    conf = f"{pr['confidence']:.0%}"
+    lines += [f"Each variant is compared token by token with the base and with the reference "
+              f"(`{pr['reference'] or 'none'}`) on the same scored tokens: the mean difference of negative "
+              f"log-likelihood, which is ln(PPL ratio), with its {conf} interval from a bootstrap over chunks "
+              f"({pr['draws']} draws; chunks, not tokens, are the independent units), and the same as a "
+              "perplexity ratio. An interval that excludes 0 (ratio 1) is a difference this text can tell.", ""]
+    head = "| variant | ln(PPL / PPL base) | PPL / PPL base | ln(PPL / PPL ref) | PPL / PPL ref |"
+    kld = any("kld" in c for c in pr["vs_reference"].values())
+    if kld:
+        head += " KLD | same top (%) | KLD − ref KLD | same top − ref (points) |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in pr["ranking"]:
+        vb, vr = pr["vs_base"].get(name), pr["vs_reference"].get(name)
+        line = (f"| {name} | {_ci(vb) if vb else '–'} | {_ratio(vb) if vb else '–'} | "
+                f"{_ci(vr['nll']) if vr else '–'} | {_ratio(vr['nll']) if vr else '–'} |")
+        if kld:
+            alone = pr["alone"].get(name) or {}
+            line += (f" {_ci(alone['kld'], fmt='.5f') if 'kld' in alone else '–'} | "
+                     f"{_ci(alone['top'], 100, '.2f') if 'top' in alone else '–'} | "
+                     f"{_ci(vr['kld'], fmt='+.5f') if vr and 'kld' in vr else '–'} | "
+                     f"{_ci(vr['top'], 100, '+.2f') if vr and 'top' in vr else '–'} |")
+        lines.append(line)
+    letters = {}
+    for i, group in enumerate(pr["groups"]):
+        for name in group:
+            letters.setdefault(name, []).append(chr(ord("a") + i) if i < 26 else f"g{i + 1}")
+    lines += ["", f"**Ranking** (lowest perplexity first) and groups that cannot be told apart at {conf} "
+              "(variants sharing a letter are not distinguishable; each pair is tested on its own, "
+              "without correction for the number of pairs): "
+              + ", ".join(f"`{n}` ({''.join(letters[n])})" for n in pr["ranking"]), ""]
+    shared: dict[str, list[str]] = {}
+    for r in doc["variants"]:
+        if r["status"] == "ok" and r.get("scored_for"):
+            shared.setdefault(r["tensor_key"], []).append(r["name"])
+    for names in shared.values():
+        if len(names) > 1:
+            lines += [f"- {', '.join(f'`{n}`' for n in names)} have byte-identical tensors and were scored once."]
+    return lines + [""]
 
 
 def _unchanged(doc: dict, out: Path, damage_variant: str | None) -> bool:

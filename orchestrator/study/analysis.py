@@ -8,6 +8,7 @@ high nibble.
 """
 
 import gc
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,3 +183,33 @@ def model_stats(path: Path) -> dict:
     main = max(by_type, key=by_type.get) if by_type else None
     return {"elements": elements, "tensor_bytes": nbytes, "bpw": 8 * nbytes / elements if elements else None,
             "main_type": main, "types": dict(sorted(by_type.items()))}
+
+
+DESCRIPTIVE_KEYS = ("GGUF.", "general.", "quantize.")  # counts, names, file type, imatrix notes
+
+
+def tensor_key(path: Path) -> str:
+    """sha256 of what a model computes with: every tensor's name, type, shape and data bytes, and
+    the metadata other than descriptive keys. Two files with the same key score the same (stock
+    Q4_0 and radius 0 do). The data are read with plain reads, not through the memory map, so
+    hashing a large model leaves nothing mapped."""
+    reader = open_model(path)
+    h = hashlib.sha256()
+    for name, field in reader.fields.items():
+        if name == "general.architecture" or not name.startswith(DESCRIPTIVE_KEYS):
+            for part in field.parts:
+                h.update(np.ascontiguousarray(part).view(np.uint8).tobytes())
+    spans = []
+    for t in reader.tensors:
+        h.update(f"{t.name}\0{t.tensor_type.name}\0{list(map(int, t.shape))}\0".encode())
+        spans.append((int(t.data_offset), int(t.n_bytes)))
+    with open(path, "rb") as f:
+        for offset, n in spans:
+            f.seek(offset)
+            while n:
+                block = f.read(min(n, 1 << 24))
+                if not block:
+                    raise OrchestrateError(f"{path} is truncated (a tensor ends past the end of the file)")
+                h.update(block)
+                n -= len(block)
+    return h.hexdigest()

@@ -2,10 +2,12 @@
 
 Each variant's artifacts live in a run directory under the cache, keyed by everything
 that determines them (base model, fork build, variant, perplexity settings, the user's
---llama-env). Every step writes its output atomically, and result.json is written last, so
-a run killed at any moment is finished by the next one and a half-written file is never
-read as a result. A variant that fails in any way, expected or not, becomes a failed row
-with its reason and log, and the sweep goes on.
+--llama-env). Its perplexity lives in a score directory keyed by what the model computes
+with (its tensors' content), the text and the settings: variants whose tensors are
+byte-identical (stock Q4_0 and radius 0) are scored once. Every step writes its output
+atomically, and result.json is written last, so a run killed at any moment is finished by
+the next one and a half-written file is never read as a result. A variant that fails in
+any way, expected or not, becomes a failed row with its reason and log, and the sweep goes on.
 """
 
 import hashlib
@@ -26,11 +28,11 @@ from ..fork.build import Fork
 from ..hooks.quantize import run_quantize
 from ..parse import parse_perplexity
 from ..proc import Progress, clean_env, failure_reason, run_logged
-from . import analysis, stats
+from . import analysis, paired, scores, stats
 from .base import Base
 from .experiment import Experiment, Variant
 
-RUN_FORMAT = 6  # bump when a run directory's contents change, so older runs are not reused
+RUN_FORMAT = 7  # bump when a run or score directory's contents change, so older ones are not reused
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,30 @@ def run_dir(inp: Inputs, v: Variant) -> Path:
     return paths.cache_dir() / "runs" / f"{v.name}-{run_key(inp, v)}"
 
 
+@dataclass(frozen=True)
+class KldBase:
+    """The base's logits that --kld variants are scored against, and the base's tensor key."""
+    tensors: str
+    logits: Path
+
+
+def score_dir(inp: Inputs, tensors: str, kld_base: KldBase | None) -> Path:
+    """Where a model with these tensors is scored: the same for every variant that has them."""
+    determined_by = {
+        "format": RUN_FORMAT, "fork": inp.fork.id, "tensors": tensors,
+        "perplexity": {"text": inp.text_id, "ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld},
+        "kld_base": kld_base.tensors if kld_base else None, "llama_env": inp.llama_env,
+    }
+    return paths.cache_dir() / "scores" / hashlib.sha256(json.dumps(determined_by, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _tail_reason(log: Path) -> str:
     return failure_reason(read_text(log)) if log.exists() else "no output"
 
 
 def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, save_logits: Path | None = None) -> dict:
-    """llama-perplexity on model; returns the parsed figures, the command and the time."""
+    """llama-perplexity on model, writing run/scores.bin (per-token scores); returns the parsed
+    figures, the command and the time."""
     cmd = [inp.fork.binary("llama-perplexity"), "-m", model, "-f", inp.text, "-c", str(inp.ctx),
            "-t", str(inp.threads)]
     if inp.chunks:
@@ -84,13 +104,16 @@ def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, sav
         cmd += ["--kl-divergence-base", kld_base, "--kl-divergence"]
     log = run / "perplexity.log"
     with open(log, "w", encoding="utf-8") as f:
-        rc, seconds = run_logged(cmd, f, env=clean_env(inp.llama_env), cwd=run)
+        rc, seconds = run_logged(cmd, f, env={**clean_env(inp.llama_env), scores.ENV: str(run / "scores.bin")},
+                                 cwd=run)
     if rc != 0:
         raise StepError(f"llama-perplexity exited with code {rc}: {_tail_reason(log)}", log)
     try:
         res = parse_perplexity(read_text(log))
     except OrchestrateError as e:
         raise StepError(str(e), log) from None
+    if not (run / "scores.bin").exists():
+        raise StepError(f"llama-perplexity wrote no per-token scores: {_tail_reason(log)}", log)
     if tmp_logits:
         os.replace(tmp_logits, save_logits)
     res.update(seconds=seconds, command=[str(c) for c in cmd])
@@ -109,40 +132,79 @@ def _quantize_step(inp: Inputs, v: Variant, run: Path) -> dict:
     return res
 
 
-def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: Path | None, step) -> dict:
-    """Bring one variant to a finished result (reusing whatever a previous run finished)."""
-    run = run_dir(inp, v)
-    run.mkdir(parents=True, exist_ok=True)
-    result_path = run / "result.json"
-    model = inp.base.path if v.kind == "base" else run / "model.gguf"
-    logits = run / "logits.bin" if (inp.kld and v.kind == "base") else None
-    lock = filelock.FileLock(str(run / ".lock"))
+def _clear_leftovers(d: Path) -> None:
+    """What a killed step left half-written (temporary names only)."""
+    for leftover in [*d.glob(".quantize-*"), *d.glob(".*.partial"), *d.glob("*.partial"), *d.glob(".*.tmp")]:
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+
+def _lock(path: Path, v: Variant, step) -> filelock.FileLock:
+    lock = filelock.FileLock(str(path))
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
         step(v, "waiting for another sweep working on it")
         lock.acquire()
+    return lock
+
+
+def _scored(sdir: Path, logits: bool) -> bool:
+    return (sdir / "perplexity.json").exists() and (not logits or (sdir / "logits.bin").exists())
+
+
+def scored(inp: Inputs, v: Variant, model: Path, sdir: Path, kld_base: KldBase | None, step) -> dict:
+    """The model's perplexity and per-token scores: from its score directory when a variant with
+    the same tensors was already scored, else measured now."""
+    base_logits = inp.kld and v.kind == "base"
+    sdir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(sdir / ".lock", v, step)
     try:
-        if result_path.exists() and (logits is None or logits.exists()):
-            return read_json(result_path)
-        for leftover in list(run.glob(".quantize-*")) + list(run.glob(".*.partial")) + list(run.glob(".*.tmp")):
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        qjson, pjson, ajson = run / "quantize.json", run / "perplexity.json", run / "analysis.json"
-        needs_model = not pjson.exists() or not ajson.exists()
+        if _scored(sdir, base_logits):
+            return read_json(sdir / "perplexity.json")
+        _clear_leftovers(sdir)
+        if inp.kld and v.kind != "base" and (kld_base is None or not kld_base.logits.exists()):
+            raise StepError("no KL-divergence base logits (the base variant failed)", sdir / "perplexity.log")
+        step(v, "perplexity")
+        res = score(inp, model, sdir, kld_base=kld_base.logits if kld_base and not base_logits else None,
+                    save_logits=sdir / "logits.bin" if base_logits else None)
+        res["scored_for"] = v.name  # the variant it was measured for; others with its tensors share it
+        write_json(sdir / "perplexity.json", res)
+        return res
+    finally:
+        lock.release()
+
+
+def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | None, step) -> dict:
+    """Bring one variant to a finished result (reusing whatever a previous run finished)."""
+    run = run_dir(inp, v)
+    run.mkdir(parents=True, exist_ok=True)
+    result_path = run / "result.json"
+    model = inp.base.path if v.kind == "base" else run / "model.gguf"
+    base_logits = inp.kld and v.kind == "base"
+    lock = _lock(run / ".lock", v, step)
+    try:
+        if result_path.exists():
+            result = read_json(result_path)
+            if _scored(Path(result["score_dir"]), base_logits):
+                return result
+        _clear_leftovers(run)
+        qjson, ajson, tjson = run / "quantize.json", run / "analysis.json", run / "tensors.json"
+        tensors = read_json(tjson)["sha256"] if tjson.exists() else None
+        sdir = score_dir(inp, tensors, kld_base) if tensors else None
+        needs_model = not ajson.exists() or sdir is None or not _scored(sdir, base_logits)
         if v.kind != "base" and (not qjson.exists() or (needs_model and not model.exists())):
             step(v, "quantize")
             write_json(qjson, _quantize_step(inp, v, run))
+        if tensors is None:
+            tensors = analysis.tensor_key(model)
+            write_json(tjson, {"sha256": tensors})
+            sdir = score_dir(inp, tensors, kld_base)
         if not ajson.exists():
             step(v, "analyse")
             write_json(ajson, analyse(inp, v, model))
-        if not pjson.exists() or (logits is not None and not logits.exists()):
-            if inp.kld and v.kind != "base" and (kld_base is None or not kld_base.exists()):
-                raise StepError("no KL-divergence base logits (the base variant failed)", run / "perplexity.log")
-            step(v, "perplexity")
-            write_json(pjson, score(inp, model, run, kld_base=None if v.kind == "base" else kld_base,
-                                    save_logits=logits))
-        result = assemble(inp, v, run, read_json(qjson) if v.kind != "base" else None, read_json(pjson),
-                          read_json(ajson))
+        p = scored(inp, v, model, sdir, kld_base, step)
+        result = assemble(inp, v, run, read_json(qjson) if v.kind != "base" else None, p, read_json(ajson))
+        result.update(tensor_key=tensors, score_dir=str(sdir), scores_file=str(sdir / "scores.bin"))
         write_json(result_path, result)
         return result
     finally:
@@ -170,7 +232,7 @@ def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict, a: dic
     row = {"name": v.name, "kind": v.kind, "type": v.qtype or f"base ({'F16 upcast of ' + inp.base.upcast_from if inp.base.upcast_from else 'as given'})",
            "main_type": a.get("main_type"), "tensor_types": a.get("types"),
            "mode": spec["mode"], "radius": v.radius, "table": v.table.name if v.table else None, "status": "ok",
-           "ppl": p["ppl"], "ppl_err": p["ppl_err"], "ppl_chunks": p["chunks"]}
+           "ppl": p["ppl"], "ppl_err": p["ppl_err"], "ppl_chunks": p["chunks"], "scored_for": p["scored_for"]}
     for k in ("kld", "kld_err", "same_top", "same_top_err", "rms_dp", "rms_dp_err"):
         row[k] = p.get(k)
     row.update(file_bytes=q["file_bytes"] if q else inp.base.path.stat().st_size, bpw=a["bpw"],
@@ -219,6 +281,8 @@ class Display:
             self.times.append(seconds)
         if row["status"] == "ok":
             msg = f"{results.fmt_ppl(row['ppl'])} ± {results.fmt_ppl(row['ppl_err'])}" + ("" if worked else " (cached)")
+            if row.get("scored_for") not in (None, row["name"]):
+                msg += f" (same tensors as {row['scored_for']}: scored once)"
         else:
             msg = f"FAILED: {row['reason']}" + (f" (log: {row['log']})" if row.get("log") else "")
         self.progress.done(f"[{self.i}/{self.n}] {v.name}: {msg}")
@@ -269,8 +333,8 @@ def run_sweep(exp: Experiment, inp: Inputs, out: Path, keep_models: bool = False
             row = failed_row(v, str(e), getattr(e, "log", None))
         except Exception as e:  # a bug must cost one variant, not the sweep
             row = unexpected_failure(inp, v, e)
-        if v.kind == "base" and inp.kld:
-            kld_base = run_dir(inp, v) / "logits.bin"
+        if v.kind == "base" and inp.kld and row["status"] == "ok":
+            kld_base = KldBase(row["tensor_key"], Path(row["score_dir"]) / "logits.bin")
         display.finished(v, row, time.monotonic() - t0, bool(worked))
         rows.append(row)
     return rows
@@ -284,9 +348,25 @@ def kld_size_estimate(base: Path, inp_chunks: int, ctx: int) -> int | None:
     return len(tokens.data) * 2 * (ctx // 2) * inp_chunks
 
 
+def default_reference(names: list[str]) -> str | None:
+    """Stock Q4_0 when the sweep has it: the same 4 bits of information as the hooked variants."""
+    return "q4_0" if "q4_0" in names else None
+
+
+def compare_all(rows: list[dict], reference: str | None) -> dict:
+    """Paired statistics over every variant that was scored (study.paired.study)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    try:
+        found = {r["name"]: scores.read(Path(r["scores_file"])) for r in ok}
+        base = next((r["name"] for r in ok if r["kind"] == "base"), None)
+        return paired.study(found, base, reference if reference in found else None)
+    except OrchestrateError as e:
+        return {"error": str(e)}
+
+
 def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | None, kld: bool = False,
           keep_models: bool = False, threads: int | None = None, damage_variant: str | None = None,
-          llama_env: dict | None = None) -> tuple[Path, dict]:
+          llama_env: dict | None = None, reference: str | None = None) -> tuple[Path, dict]:
     """The main job: build if needed, prepare the base, run every variant, write the report."""
     from .. import demo
     from ..fetch import sha256_of
@@ -303,6 +383,11 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         if not path.is_file():
             raise OrchestrateError(f"{what} {path} does not exist")
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{model.stem}"
+    names = [v.name for v in exp.variants()]
+    if reference is not None and reference not in names:
+        raise OrchestrateError(f"--reference {reference}: no such variant in {exp.name} "
+                               f"(variants: {', '.join(names)})")
+    reference = reference or default_reference(names)
     with results.locked(out):
         fork = build.build(quiet=False)
         exp = exp.with_types(lambda t: canonical_type(fork, t))
@@ -323,5 +408,6 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         settings = {"ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld, "threads": inp.threads,
                     "llama_env": inp.llama_env}
         doc = results.document(exp.name, exp.description, base, inp.text, inp.text_id, settings, fork, rows)
+        doc["paired"] = compare_all(rows, reference)
         report.write_all(doc, out, damage_variant)
     return out, doc
