@@ -123,7 +123,7 @@ def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path):
     deadline = time.monotonic() + 300
     # kill -9 in the middle of a variant: once the third variant is busy quantizing or scoring
     while time.monotonic() < deadline and proc.poll() is None:
-        busy = [d for d in runs.glob("q8_0-*") if any(d.glob(".quantize-*")) or (d / "perplexity.log").exists()]
+        busy = [d for d in runs.glob("q8_0-*") if any(d.glob(".quantize-*")) or (d / "tensors.json").exists()]
         if busy and not (busy[0] / "result.json").exists():
             break
         time.sleep(0.02)
@@ -188,7 +188,7 @@ def test_kl_divergence_against_the_base(fork, demo_base, tmp_path):
     q4, r2 = rows["q4_0"], rows["q4_0-r2"]
     assert 0 < q4["kld"] < r2["kld"] and 0 < r2["same_top"] < q4["same_top"] < 100
     assert "KLD" in (tmp_path / "report.md").read_text()
-    logits = Path(rows["base"]["run_dir"]) / "logits.bin"
+    logits = Path(rows["base"]["score_dir"]) / "logits.bin"
     estimate = 49152 * 2 * 64 * 3  # vocabulary x 2 bytes x scored tokens: what the warning said
     assert abs(logits.stat().st_size - estimate) < 0.05 * estimate
     again = orchestrate("sweep", "--kld", "--radius", "2", "--tables", "none", "--types", "Q4_0", "--chunks", "3",

@@ -47,14 +47,14 @@ def _chunk_means(s: Scores, quantity: str) -> np.ndarray:
     return s.arrays[quantity].astype(np.float64).mean(axis=1)
 
 
-def compare(a: Scores, b: Scores | None, quantity: str = "nll") -> dict:
+def compare(a: Scores, b: Scores | None, quantity: str = "nll", draws: int = DRAWS) -> dict:
     """a - b for one quantity (a alone when b is None), with its paired error and interval.
     For NLL also the unpaired error: the two variants' own errors combined, as if independent."""
     if b is None:
-        out = summary(_chunk_means(a, quantity))
+        out = summary(_chunk_means(a, quantity), draws)
     else:
         check_paired(a, b)
-        out = summary(_chunk_means(a, quantity) - _chunk_means(b, quantity))
+        out = summary(_chunk_means(a, quantity) - _chunk_means(b, quantity), draws)
         if quantity == "nll":
             own = [s.arrays["nll"].astype(np.float64).ravel() for s in (a, b)]
             out["unpaired_se"] = float(np.sqrt(sum(x.var() / (len(x) - 1) for x in own)))
