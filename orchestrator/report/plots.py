@@ -265,11 +265,18 @@ def fig_forest(doc, out: Path) -> str | None:
                             color="C3" if apart and c["mean"] > 0 else "C2" if apart else "0.4", capsize=3, ms=4)
         ax.axvline(0, color="k", lw=1)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel(f"ln(PPL ratio), {pr['confidence']:.0%} bootstrap interval over chunks")
+        widest = max(max(abs(pick(c)["lo"]), abs(pick(c)["hi"])) for c in comparisons.values())
+        scale = ""
+        if widest > 2:  # a broken variant far out would squeeze the close ones onto the zero line
+            ax.set_xscale("symlog", linthresh=0.1)
+            scale = "\n(linear within ±0.1, logarithmic beyond)"
+        ax.margins(x=0.06)
+        ax.set_xlabel(f"ln(PPL ratio){scale}", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(y, names)
     axes[0][0].set_ylim(-0.6, len(names) - 0.4)
-    fig.suptitle("Paired differences (right of 0: worse; grey: cannot be told apart)\n" + _subtitle(doc), fontsize=9)
+    fig.suptitle(f"Paired differences with {pr['confidence']:.0%} bootstrap intervals over chunks "
+                 "(right of 0: worse; grey: cannot be told apart)\n" + _subtitle(doc), fontsize=9)
     return _save(fig, out, "paired_forest")
 
 

@@ -123,7 +123,7 @@ def _ci(c: dict, scale: float = 1, fmt: str = "+.4f") -> str:
 
 
 def _ratio(c: dict) -> str:
-    return f"{math.exp(c['mean']):.4f} [{math.exp(c['lo']):.4f}, {math.exp(c['hi']):.4f}]"
+    return f"{fmt_ppl(math.exp(c['mean']))} [{fmt_ppl(math.exp(c['lo']))}, {fmt_ppl(math.exp(c['hi']))}]"
 
 
 def render_paired(doc: dict) -> list[str]:
