@@ -20,8 +20,9 @@ QUANTITIES = {"nll": "ln(PPL ratio)", "kld": "KL divergence", "top": "same top t
 
 def bootstrap_weights(n_chunks: int, draws: int = DRAWS, seed: int = SEED):
     """Resampling weights (draws, n_chunks), in batches that bound memory: each row says how often
-    each chunk was drawn, divided by n_chunks. The same draws serve every variant (common
-    random numbers), so every pair is resampled alike."""
+    each chunk was drawn, divided by n_chunks. They depend only on the chunk count, draws and seed,
+    so every variant and pair is resampled alike (and a pair shows the same interval in the report
+    and in `orchestrate compare`)."""
     rng = np.random.default_rng(seed)
     batch = max(1, min(draws, 4_000_000 // max(1, n_chunks)))
     p = np.full(n_chunks, 1.0 / n_chunks)
@@ -32,34 +33,65 @@ def bootstrap_weights(n_chunks: int, draws: int = DRAWS, seed: int = SEED):
         done += k
 
 
+def bootstrap_means(columns: np.ndarray, draws: int = DRAWS, seed: int = SEED) -> np.ndarray:
+    """(draws, k) bootstrap means of k columns of per-chunk values (n_chunks, k). The mean is linear,
+    so the bootstrap of a difference is the difference of these columns."""
+    return np.concatenate([w @ columns for w in bootstrap_weights(columns.shape[0], draws, seed)])
+
+
+def _summarise(values: np.ndarray, boot: np.ndarray) -> dict:
+    """Mean and standard error of per-chunk values (n_chunks,), interval from their bootstrap means."""
+    n = len(values)
+    alpha = (1 - CONFIDENCE) / 2
+    lo, hi = np.quantile(boot, [alpha, 1 - alpha])
+    return {"mean": float(values.mean()), "se": float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+            "lo": float(lo), "hi": float(hi), "n_chunks": n}
+
+
 def summary(chunk_means: np.ndarray, draws: int = DRAWS, seed: int = SEED) -> dict:
     """Mean, standard error and bootstrap interval of the mean of per-chunk values (n_chunks,)."""
     c = np.asarray(chunk_means, dtype=np.float64)
-    n = len(c)
-    boot = np.concatenate([w @ c for w in bootstrap_weights(n, draws, seed)])
-    alpha = (1 - CONFIDENCE) / 2
-    lo, hi = np.quantile(boot, [alpha, 1 - alpha])
-    return {"mean": float(c.mean()), "se": float(c.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
-            "lo": float(lo), "hi": float(hi), "n_chunks": n}
+    return _summarise(c, bootstrap_means(c[:, None], draws, seed)[:, 0])
 
 
 def _chunk_means(s: Scores, quantity: str) -> np.ndarray:
     return s.arrays[quantity].astype(np.float64).mean(axis=1)
 
 
+def _unpaired_se(a: Scores, b: Scores) -> float:
+    """The two variants' own (token-level, as llama-perplexity's) errors of mean NLL, combined."""
+    own = [s.arrays["nll"].astype(np.float64).ravel() for s in (a, b)]
+    return float(np.sqrt(sum(x.var() / (len(x) - 1) for x in own)))
+
+
+class _Resampled:
+    """Per-chunk means and their bootstrap means for a set of (variant, quantity) columns."""
+
+    def __init__(self, scores: dict[str, Scores], columns: list[tuple[str, str]], draws: int):
+        self.scores = scores
+        self.index = {c: i for i, c in enumerate(columns)}
+        self.means = np.stack([_chunk_means(scores[n], q) for n, q in columns], axis=1)
+        self.boot = bootstrap_means(self.means, draws)
+
+    def compare(self, a: str, b: str | None, quantity: str = "nll") -> dict:
+        i = self.index[(a, quantity)]
+        if b is None:
+            out = _summarise(self.means[:, i], self.boot[:, i])
+        else:
+            check_paired(self.scores[a], self.scores[b])
+            j = self.index[(b, quantity)]
+            out = _summarise(self.means[:, i] - self.means[:, j], self.boot[:, i] - self.boot[:, j])
+            if quantity == "nll":
+                out["unpaired_se"] = _unpaired_se(self.scores[a], self.scores[b])
+        out["n_tokens"] = self.scores[a].n_tokens
+        return out
+
+
 def compare(a: Scores, b: Scores | None, quantity: str = "nll", draws: int = DRAWS) -> dict:
     """a - b for one quantity (a alone when b is None), with its paired error and interval.
     For NLL also the unpaired error: the two variants' own errors combined, as if independent."""
-    if b is None:
-        out = summary(_chunk_means(a, quantity), draws)
-    else:
-        check_paired(a, b)
-        out = summary(_chunk_means(a, quantity) - _chunk_means(b, quantity), draws)
-        if quantity == "nll":
-            own = [s.arrays["nll"].astype(np.float64).ravel() for s in (a, b)]
-            out["unpaired_se"] = float(np.sqrt(sum(x.var() / (len(x) - 1) for x in own)))
-    out["n_tokens"] = a.n_tokens
-    return out
+    found = {"a": a} if b is None else {"a": a, "b": b}
+    return _Resampled(found, [(n, quantity) for n in found], draws).compare("a", None if b is None else "b", quantity)
 
 
 def distinguishable(c: dict) -> bool:
@@ -87,27 +119,22 @@ def study(scores: dict[str, Scores], base: str | None, reference: str | None) ->
     """Everything the report shows: each variant against the base and against the reference,
     the ranking by mean NLL, and the groups that cannot be told apart."""
     names = list(scores)
-    quantities = [q for q in QUANTITIES if all(q in s.arrays for n, s in scores.items() if n != base)]
-    cache: dict[tuple, dict] = {}
-
-    def pair(a, b, q="nll"):
-        if (a, b, q) not in cache:
-            cache[(a, b, q)] = compare(scores[a], scores[b], q)
-        return cache[(a, b, q)]
-
+    first = next(iter(scores.values()))
+    for s in scores.values():
+        check_paired(s, first)
+    r = _Resampled(scores, [(n, q) for n in names for q in QUANTITIES if q in scores[n].arrays], DRAWS)
     out = {"confidence": CONFIDENCE, "draws": DRAWS, "seed": SEED, "unit": "chunk", "base": base,
            "reference": reference, "vs_base": {}, "vs_reference": {}, "alone": {}}
     for n in names:
         if base and n != base:
-            out["vs_base"][n] = pair(n, base)
+            out["vs_base"][n] = r.compare(n, base)
         if reference and n != reference:
-            out["vs_reference"][n] = {q: pair(n, reference, q) for q in quantities
+            out["vs_reference"][n] = {q: r.compare(n, reference, q) for q in QUANTITIES
                                       if q in scores[n].arrays and q in scores[reference].arrays}
-        if n != base:
-            out["alone"][n] = {q: compare(scores[n], None, q) for q in quantities if q != "nll"}
+        out["alone"][n] = {q: r.compare(n, None, q) for q in QUANTITIES if q != "nll" and q in scores[n].arrays}
     means = {n: float(scores[n].arrays["nll"].astype(np.float64).mean()) for n in names}
     out["ranking"] = sorted(names, key=lambda n: means[n])
-    out["groups"] = groups(out["ranking"], pair)
+    out["groups"] = groups(out["ranking"], r.compare)
     return out
 
 
