@@ -8,6 +8,7 @@ with the full trace.
 """
 
 import datetime
+import functools
 import json
 import os
 import sys
@@ -335,17 +336,28 @@ def quantize(base, out, qtype, mode, radius, table, hist, threads, llama_env, ex
               help="Variant whose per-tensor weight error is drawn as a heat-map (default: the largest radius).")
 @click.option("--reference", default=None,
               help="Variant every other is compared with, token by token (default: q4_0, stock Q4_0).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Run the variants here one by one, or as Ray tasks on a cluster (pip install -e '.[ray]').")
+@click.option("--ray-address", default=None,
+              help="The Ray cluster's head HOST:PORT (default: $RAY_ADDRESS, else a local Ray started for the sweep).")
 @LLAMA_ENV
 def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, keep_models, threads, damage_variant,
-          reference, llama_env):
+          reference, executor, ray_address, llama_env):
     """Quantize and score every variant of an experiment; write results, figures and a report."""
     from .study import experiment
     from .study import sweep as sweep_mod
     exp = experiment.override(experiment.load_experiment(config), radius=radius, tables=tables, types=types,
                               ctx=ctx, chunks=chunks)
+    execute = sweep_mod.run_local
+    if executor == "ray":
+        from .study import cluster
+        cluster.connect(ray_address)  # fails in one line before any work
+        execute = functools.partial(cluster.run, address=ray_address)
+    elif ray_address:
+        raise OrchestrateError("--ray-address needs --executor ray")
     out_dir, doc = sweep_mod.sweep(exp, model, text, out, kld=kld, keep_models=keep_models, threads=threads,
                                    damage_variant=damage_variant, llama_env=_llama_env(llama_env),
-                                   reference=reference)
+                                   reference=reference, execute=execute)
     failed = [r["name"] for r in doc["variants"] if r["status"] != "ok"]
     click.echo(f"report: {out_dir / 'report.md'}")
     if failed:

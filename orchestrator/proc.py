@@ -2,6 +2,7 @@
 UTF-8, a one-line progress display, and the line that says why a tool failed."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,11 @@ from typing import Callable
 # user wants to pass goes through `--llama-env` and into the run's cache key instead.
 LLAMA_ENV_PREFIXES = ("LLAMA_", "LLAMACPP_", "GGML_", "PABLO_")
 
+# A tool outlives a sweep (or a cluster worker) killed with -9 unless told otherwise: it would go on
+# writing into a run directory that the resumed sweep is cleaning. util-linux's setpriv sets the
+# parent-death signal and execs the tool (a preexec_fn would be unsafe in Ray's threaded workers).
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
 
 def run_logged(cmd: list[str], log, on_line: Callable[[str], None] | None = None,
                env: dict | None = None, cwd: Path | None = None) -> tuple[int, float]:
@@ -20,7 +26,7 @@ def run_logged(cmd: list[str], log, on_line: Callable[[str], None] | None = None
     log.write(f"$ {' '.join(map(str, cmd))}\n")
     log.flush()
     t0 = time.monotonic()
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(DIE_WITH_PARENT + [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             encoding="utf-8", errors="replace", env=env, cwd=cwd)
     try:
         for line in proc.stdout:

@@ -13,6 +13,7 @@ any way, expected or not, becomes a failed row with its reason and log, and the 
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import traceback
@@ -47,6 +48,7 @@ class Inputs:
     kld: bool
     threads: int
     llama_env: dict = field(default_factory=dict)  # the user's --llama-env, passed to every llama-* run
+    cache: Path = field(default_factory=paths.cache_dir)  # holds runs/ and scores/ (a cluster worker's own)
 
 
 class StepError(OrchestrateError):
@@ -65,7 +67,7 @@ def run_key(inp: Inputs, v: Variant) -> str:
 
 
 def run_dir(inp: Inputs, v: Variant) -> Path:
-    return paths.cache_dir() / "runs" / f"{v.name}-{run_key(inp, v)}"
+    return inp.cache / "runs" / f"{v.name}-{run_key(inp, v)}"
 
 
 @dataclass(frozen=True)
@@ -75,14 +77,15 @@ class KldBase:
     logits: Path
 
 
-def score_dir(inp: Inputs, tensors: str, kld_base: KldBase | None) -> Path:
-    """Where a model with these tensors is scored: the same for every variant that has them."""
+def score_dir(inp: Inputs, tensors: str, kld_base_tensors: str | None) -> Path:
+    """Where a model with these tensors is scored: the same for every variant that has them.
+    kld_base_tensors: the tensor key of the base whose logits a --kld variant is scored against."""
     determined_by = {
         "format": RUN_FORMAT, "fork": inp.fork.id, "tensors": tensors,
         "perplexity": {"text": inp.text_id, "ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld},
-        "kld_base": kld_base.tensors if kld_base else None, "llama_env": inp.llama_env,
+        "kld_base": kld_base_tensors, "llama_env": inp.llama_env,
     }
-    return paths.cache_dir() / "scores" / hashlib.sha256(json.dumps(determined_by, sort_keys=True).encode()).hexdigest()[:16]
+    return inp.cache / "scores" / hashlib.sha256(json.dumps(determined_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _tail_reason(log: Path) -> str:
@@ -190,7 +193,8 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | 
         _clear_leftovers(run)
         qjson, ajson, tjson = run / "quantize.json", run / "analysis.json", run / "tensors.json"
         tensors = read_json(tjson)["sha256"] if tjson.exists() else None
-        sdir = score_dir(inp, tensors, kld_base) if tensors else None
+        kld_tensors = kld_base.tensors if kld_base else None
+        sdir = score_dir(inp, tensors, kld_tensors) if tensors else None
         needs_model = not ajson.exists() or sdir is None or not _scored(sdir, base_logits)
         if v.kind != "base" and (not qjson.exists() or (needs_model and not model.exists())):
             step(v, "quantize")
@@ -198,7 +202,7 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | 
         if tensors is None:
             tensors = analysis.tensor_key(model)
             write_json(tjson, {"sha256": tensors})
-            sdir = score_dir(inp, tensors, kld_base)
+            sdir = score_dir(inp, tensors, kld_tensors)
         if not ajson.exists():
             step(v, "analyse")
             write_json(ajson, analyse(inp, v, model))
@@ -266,6 +270,7 @@ class Display:
 
     def __init__(self, variants: list[Variant]):
         self.n, self.i, self.times, self.t0 = len(variants), 0, [], time.monotonic()
+        self.shape = None
         self.progress = Progress(every=0)
 
     def step(self, v: Variant, what: str) -> None:
@@ -274,6 +279,17 @@ class Display:
             left = (self.n - self.i) * sum(self.times) / len(self.times)
             eta = f"  (ETA {int(left // 60)}m{int(left % 60):02d}s)"
         self.progress.show(f"[{self.i + 1}/{self.n}] {v.name}: {what}{eta}", force=True)
+
+    def cluster(self, running: str, left: int, parallel: int) -> None:
+        """What runs where (from the cluster's tasks), and an ETA for the variants left."""
+        eta = ""
+        if self.times:
+            s = left * sum(self.times) / len(self.times) / parallel
+            eta = f"  (ETA {int(s // 60)}m{int(s % 60):02d}s at {parallel} at a time)"
+        shape = re.sub(r" \d+s\b", "", running)  # without the seconds: a log gets a line per change only
+        if self.progress.tty or shape != self.shape:
+            self.shape = shape
+            self.progress.show(f"[{self.i}/{self.n} done] running: {running or 'waiting for the cluster'}{eta}")
 
     def finished(self, v: Variant, row: dict, seconds: float, worked: bool) -> None:
         self.i += 1
@@ -304,16 +320,24 @@ def fit_tables(variants: list[Variant], inp: Inputs, out: Path) -> list[Variant]
     return done
 
 
-def run_sweep(exp: Experiment, inp: Inputs, out: Path, keep_models: bool = False) -> list[dict]:
-    """Every variant, in order (the base first: with --kld it provides the logits)."""
+def prepared(exp: Experiment, inp: Inputs, out: Path) -> tuple[list[Variant], dict[str, str]]:
+    """The experiment's variants with their fitted tables, and why a table could not be fitted."""
     variants = exp.variants()
-    fitted_error = None
-    if any(v.fit for v in variants):
-        try:
-            variants = fit_tables(variants, inp, out)
-        except OrchestrateError as e:
-            fitted_error = e
-    display = Display(variants)
+    if not any(v.fit for v in variants):
+        return variants, {}
+    try:
+        return fit_tables(variants, inp, out), {}
+    except OrchestrateError as e:
+        return variants, {v.name: f"could not fit the {v.fit} table: {e}" for v in variants if v.fit}
+
+
+def finish_row(v: Variant, row: dict) -> dict:
+    """Where this sweep found the table (a cached run may have had its twin elsewhere)."""
+    return {**row, "table_file": str(v.table.path) if v.table else None}
+
+
+def run_local(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit: dict) -> list[dict]:
+    """Every variant in turn, in this process (the base first: with --kld it provides the logits)."""
     rows = []
     kld_base = None
     for v in variants:
@@ -324,11 +348,9 @@ def run_sweep(exp: Experiment, inp: Inputs, out: Path, keep_models: bool = False
             worked.append(what)
             display.step(var, what)
         try:
-            if v.fit and v.table is None:
-                raise OrchestrateError(f"could not fit the {v.fit} table: {fitted_error}")
-            row = run_variant(inp, v, keep_models, kld_base, step)
-            # where this sweep found the table (a cached run may have had its twin elsewhere)
-            row = {**row, "table_file": str(v.table.path) if v.table else None}
+            if v.name in unfit:
+                raise OrchestrateError(unfit[v.name])
+            row = finish_row(v, run_variant(inp, v, keep_models, kld_base, step))
         except OrchestrateError as e:
             row = failed_row(v, str(e), getattr(e, "log", None))
         except Exception as e:  # a bug must cost one variant, not the sweep
@@ -338,6 +360,12 @@ def run_sweep(exp: Experiment, inp: Inputs, out: Path, keep_models: bool = False
         display.finished(v, row, time.monotonic() - t0, bool(worked))
         rows.append(row)
     return rows
+
+
+def run_sweep(exp: Experiment, inp: Inputs, out: Path, keep_models: bool = False, execute=run_local) -> list[dict]:
+    """Every variant of the experiment, with an executor: run_local, or cluster.run (Ray)."""
+    variants, unfit = prepared(exp, inp, out)
+    return execute(variants, inp, keep_models, Display(variants), unfit)
 
 
 def kld_size_estimate(base: Path, inp_chunks: int, ctx: int) -> int | None:
@@ -366,7 +394,7 @@ def compare_all(rows: list[dict], reference: str | None) -> dict:
 
 def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | None, kld: bool = False,
           keep_models: bool = False, threads: int | None = None, damage_variant: str | None = None,
-          llama_env: dict | None = None, reference: str | None = None) -> tuple[Path, dict]:
+          llama_env: dict | None = None, reference: str | None = None, execute=run_local) -> tuple[Path, dict]:
     """The main job: build if needed, prepare the base, run every variant, write the report."""
     from .. import demo
     from ..fetch import sha256_of
@@ -404,7 +432,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
             where = paths.cache_dir() / "runs"
             print(f"note: --kld stores the base's logits once ({'about %.1f GB' % (size / 1e9) if size else 'size unknown: all chunks'}) "
                   f"under {where}", flush=True)
-        rows = run_sweep(exp, inp, out, keep_models)
+        rows = run_sweep(exp, inp, out, keep_models, execute)
         settings = {"ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld, "threads": inp.threads,
                     "llama_env": inp.llama_env}
         doc = results.document(exp.name, exp.description, base, inp.text, inp.text_id, settings, fork, rows)

@@ -1,0 +1,281 @@
+"""Run a sweep's variants as Ray tasks on a cluster (`sweep --executor ray`).
+
+Each variant is one task that asks for what it needs (--threads CPUs; a GPU when the fork
+has a GPU backend), so Ray runs as many at once as the cluster holds. A task works in its
+node's own cache (`<cache>/worker`): the same run key and the same steps as a local sweep.
+It reads the base model, the text and the tables where the driver found them (shared
+storage) after checking their sha256 and that its fork build is the driver's. What it
+returns — the run's small artifacts: results, histograms, analysis, per-token scores, logs —
+the driver writes into its own cache, result.json last, so the driver's cache stays the one
+source of truth and a re-run (local or not) finds the variant done. Models and logits stay
+on the worker. A task whose worker dies is retried by Ray; the driver holds each in-flight
+variant's run lock, which the OS releases if the driver dies.
+"""
+
+import contextlib
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import filelock
+
+from .. import paths
+from ..errors import OrchestrateError
+from ..files import read_json, read_text, write_atomic, write_json
+from . import sweep
+from .experiment import Variant
+
+INSTALL = "pip install -e '.[ray]'"
+RETRIES = 2  # re-runs of a variant whose worker process or node died
+RUN_FILES = ("quantize.json", "quantize.log", "hist.json", "analysis.json", "tensors.json")
+SCORE_FILES = ("perplexity.json", "perplexity.log", "scores.bin")
+GPU_OPTIONS = ("-DGGML_CUDA=ON", "-DGGML_VULKAN=ON", "-DGGML_METAL=ON", "-DGGML_HIP=ON", "-DGGML_SYCL=ON")
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise OrchestrateError(f"--executor ray needs Ray, an optional extra: {INSTALL}") from None
+    return ray
+
+
+def _reachable(address: str) -> None:
+    """Fail in one line at once, not after Ray's minutes of retries, when nothing listens there."""
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise OrchestrateError(f"--ray-address {address}: expected HOST:PORT (the head node's GCS port, e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise OrchestrateError(f"cannot reach a Ray cluster at {address}: {e.strerror or e}") from None
+
+
+def connect(address: str | None):
+    """Ray, connected to the cluster at address (else $RAY_ADDRESS, else a local instance started now)."""
+    ray = import_ray()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _reachable(address)
+    if not ray.is_initialized():
+        log = paths.cache_dir() / "ray-driver.log"
+        try:
+            with _stderr_to(log):  # Ray's C++ core writes its start-up warnings straight to fd 2
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False,
+                         **({} if address else {"include_dashboard": False}))
+        except Exception as e:  # Ray raises ConnectionError, RuntimeError, ... with multi-line messages
+            raise OrchestrateError(f"cannot connect to Ray at {address or 'a local instance'}: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (log: {log})") from None
+    return ray
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def gpus_per_task(fork) -> int:
+    return 1 if any(o in fork.stamp["cmake_options"] for o in GPU_OPTIONS) else 0
+
+
+# ---- on the worker ------------------------------------------------------------------------
+
+def _node() -> str:
+    import ray
+    return ray.util.get_node_ip_address()
+
+
+def worker_inputs(inp: sweep.Inputs, variants: list[Variant]) -> sweep.Inputs:
+    """The driver's inputs as seen from this node: its own fork build (which must be the driver's),
+    the same base, text and tables (checked), and its own cache."""
+    from ..fetch import sha256_of
+    from ..fork import build
+    from .base import file_id
+    node = _node()
+    try:
+        fork = build.current()
+    except OrchestrateError as e:
+        raise OrchestrateError(f"node {node} has no usable fork build ({e})") from None
+    if fork.id != inp.fork.id:
+        raise OrchestrateError(f"node {node}: its fork build {fork.id} differs from the driver's {inp.fork.id} "
+                               "(build the same checkout there: `orchestrate build`)")
+    files = [("base model", inp.base.path, inp.base.sha256, file_id), ("text", inp.text, inp.text_id, sha256_of)]
+    files += [("table", v.table.path, None, None) for v in variants if v.table]
+    for what, path, sha, digest in files:
+        if not os.access(path, os.R_OK) or not Path(path).is_file():
+            raise OrchestrateError(f"node {node} cannot read the {what} {path} "
+                                   "(workers need it at the same path: put it on shared storage)")
+        if sha and digest(Path(path)) != sha:
+            raise OrchestrateError(f"node {node}: the {what} {path} differs from the driver's (sha256)")
+    return replace(inp, fork=fork, cache=paths.cache_dir() / "worker")
+
+
+def check_node(inp: sweep.Inputs, variants: list[Variant]) -> str | None:
+    """A task's worth of checks without the work: None, or why this node cannot run the sweep."""
+    try:
+        worker_inputs(inp, variants)
+    except OrchestrateError as e:
+        return str(e)
+    return None
+
+
+def _files(d: Path, names) -> dict[str, bytes]:
+    return {n: (d / n).read_bytes() for n in names if (d / n).exists()}
+
+
+def run_task(inp: sweep.Inputs, v: Variant, keep_models: bool, kld_tensors: str | None, board) -> dict:
+    """One variant on a worker; returns its row, timings and small artifacts (never raises for a
+    variant's own failure: that comes back as a reason)."""
+    node, start = _node(), time.time()
+    board.started.remote(v.name, node, start)
+    marks = {}
+
+    def step(var, what):
+        marks.setdefault(what, time.time())
+        board.step.remote(var.name, what)
+    out = {"node": node, "start": start}
+    try:
+        winp = worker_inputs(inp, [v])
+        kld_base = None
+        if inp.kld and v.kind != "base":  # this node's own copy of the base's logits, made once
+            base_v = Variant("base", "base")
+            sdir = sweep.score_dir(winp, kld_tensors, None)
+            sweep.scored(winp, base_v, winp.base.path, sdir, None, step)
+            kld_base = sweep.KldBase(kld_tensors, sdir / "logits.bin")
+        row = sweep.run_variant(winp, v, keep_models, kld_base, step)
+        out.update(ok=True, row=row, run_files=_files(Path(row["run_dir"]), RUN_FILES),
+                   score_files=_files(Path(row["score_dir"]), SCORE_FILES))
+    except OrchestrateError as e:
+        log = getattr(e, "log", None)
+        out.update(ok=False, reason=f"on node {node}: {e}",
+                   log_text=read_text(log) if log and Path(log).is_file() else None)
+    except Exception as e:  # a bug costs this variant, with its trace, not the sweep
+        out.update(ok=False, reason=f"on node {node}: internal error: {type(e).__name__}: {e}",
+                   log_text="".join(traceback.format_exception(e)))
+    out.update(end=time.time(), first_step=min(marks.values()) if marks else None)
+    return out
+
+
+class Board:
+    """A Ray actor where tasks post what they are doing, for the driver's progress display."""
+
+    def __init__(self):
+        self.running, self.attempts = {}, {}
+
+    def started(self, name, node, t):
+        self.attempts[name] = self.attempts.get(name, 0) + 1
+        self.running[name] = {"node": node, "step": "starting", "since": t}
+
+    def step(self, name, what):
+        if name in self.running:
+            self.running[name]["step"] = what
+
+    def done(self, name):
+        self.running.pop(name, None)
+
+    def snapshot(self):
+        return self.running, self.attempts
+
+
+# ---- on the driver ------------------------------------------------------------------------
+
+def cached_row(inp: sweep.Inputs, v: Variant) -> dict | None:
+    """The variant's result in the driver's cache, if it is finished (logits may live elsewhere)."""
+    result = sweep.run_dir(inp, v) / "result.json"
+    if not result.exists():
+        return None
+    row = read_json(result)
+    return row if (Path(row["score_dir"]) / "perplexity.json").exists() else None
+
+
+def land(inp: sweep.Inputs, v: Variant, res: dict, kld_tensors: str | None, attempts: int) -> dict:
+    """Write what a task brought back into the driver's run and score directories, result.json last."""
+    run = sweep.run_dir(inp, v)
+    if not res["ok"]:
+        log = None
+        if res.get("log_text"):
+            run.mkdir(parents=True, exist_ok=True)
+            log = run / "error.log"
+            write_atomic(log, res["log_text"])
+        return sweep.failed_row(v, res["reason"], log)
+    row = res["row"]
+    sdir = sweep.score_dir(inp, row["tensor_key"], kld_tensors if inp.kld and v.kind != "base" else None)
+    for d, files in ((run, res["run_files"]), (sdir, res["score_files"])):
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            write_atomic(d / name, data)
+    row = {**row, "run_dir": str(run), "score_dir": str(sdir), "scores_file": str(sdir / "scores.bin"),
+           "ran_on": {"node": res["node"], "start": res["start"], "end": res["end"],
+                      "first_step": res["first_step"], "attempts": attempts}}
+    write_json(run / "result.json", row)
+    return row
+
+
+def _status(running: dict, now: float) -> str:
+    return ", ".join(f"{n}@{r['node']} {r['step']} {int(now - r['since'])}s" for n, r in sorted(running.items()))
+
+
+def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, unfit: dict,
+        address: str | None = None) -> list[dict]:
+    """Every variant as a Ray task; rows in the experiment's order."""
+    ray = connect(address)
+    problem = ray.get(ray.remote(check_node).options(num_cpus=0).remote(inp, variants))
+    if problem:
+        raise OrchestrateError(problem)
+    from .analysis import tensor_key
+    kld_tensors = tensor_key(inp.base.path) if inp.kld else None
+    board = ray.remote(Board).options(num_cpus=0).remote()
+    task = ray.remote(run_task).options(num_cpus=inp.threads, num_gpus=gpus_per_task(inp.fork),
+                                        max_retries=RETRIES, retry_exceptions=False)
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // inp.threads)
+    rows, pending = {}, {}
+    for v in variants:
+        if v.name in unfit:
+            rows[v.name] = sweep.failed_row(v, unfit[v.name], None)
+        elif (row := cached_row(inp, v)) is not None:
+            rows[v.name] = sweep.finish_row(v, row)
+        else:
+            lock = filelock.FileLock(str(sweep.run_dir(inp, v) / ".lock"))
+            sweep.run_dir(inp, v).mkdir(parents=True, exist_ok=True)
+            lock.acquire()  # another sweep working on it holds it until done
+            pending[task.remote(inp, v, keep_models, kld_tensors, board)] = (v, lock)
+        if v.name in rows:
+            display.finished(v, rows[v.name], 0.0, False)
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            running, attempts = ray.get(board.snapshot.remote())
+            left = len(pending) - len(done)
+            display.cluster(_status(running, time.time()), left, min(slots, max(left, 1)))
+            for ref in done:
+                v, lock = pending.pop(ref)
+                try:
+                    res = ray.get(ref)
+                    row = land(inp, v, res, kld_tensors, attempts.get(v.name, 1))
+                    seconds = res["end"] - res["start"]
+                except Exception as e:  # the task itself was lost (retries spent, node gone)
+                    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    row, seconds = sweep.failed_row(v, f"lost on the cluster: {reason}", None), None
+                finally:
+                    lock.release()
+                board.done.remote(v.name)
+                rows[v.name] = sweep.finish_row(v, row) if row["status"] == "ok" else row
+                display.finished(v, rows[v.name], seconds or 0.0, seconds is not None)
+    finally:
+        for v, lock in pending.values():
+            lock.release()
+    return [rows[v.name] for v in variants]
