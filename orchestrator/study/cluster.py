@@ -21,8 +21,6 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-import filelock
-
 from .. import paths
 from ..errors import OrchestrateError
 from ..files import read_json, read_text, write_atomic, write_json
@@ -166,7 +164,8 @@ def run_task(inp: sweep.Inputs, v: Variant, keep_models: bool, kld_tensors: str 
     except Exception as e:  # a bug costs this variant, with its trace, not the sweep
         out.update(ok=False, reason=f"on node {node}: internal error: {type(e).__name__}: {e}",
                    log_text="".join(traceback.format_exception(e)))
-    out.update(end=time.time(), first_step=min(marks.values()) if marks else None)
+    tools = [marks[k] for k in ("quantize", "perplexity") if k in marks]
+    out.update(end=time.time(), first_tool=min(tools) if tools else None)
     return out
 
 
@@ -202,7 +201,7 @@ def cached_row(inp: sweep.Inputs, v: Variant) -> dict | None:
     return row if (Path(row["score_dir"]) / "perplexity.json").exists() else None
 
 
-def land(inp: sweep.Inputs, v: Variant, res: dict, kld_tensors: str | None, attempts: int) -> dict:
+def land(inp: sweep.Inputs, v: Variant, res: dict, kld_tensors: str | None, attempts: int, submitted: float) -> dict:
     """Write what a task brought back into the driver's run and score directories, result.json last."""
     run = sweep.run_dir(inp, v)
     if not res["ok"]:
@@ -219,8 +218,8 @@ def land(inp: sweep.Inputs, v: Variant, res: dict, kld_tensors: str | None, atte
         for name, data in files.items():
             write_atomic(d / name, data)
     row = {**row, "run_dir": str(run), "score_dir": str(sdir), "scores_file": str(sdir / "scores.bin"),
-           "ran_on": {"node": res["node"], "start": res["start"], "end": res["end"],
-                      "first_step": res["first_step"], "attempts": attempts}}
+           "ran_on": {"node": res["node"], "submitted": submitted, "start": res["start"], "end": res["end"],
+                      "first_tool": res["first_tool"], "attempts": attempts}}
     write_json(run / "result.json", row)
     return row
 
@@ -249,10 +248,9 @@ def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, 
         elif (row := cached_row(inp, v)) is not None:
             rows[v.name] = sweep.finish_row(v, row)
         else:
-            lock = filelock.FileLock(str(sweep.run_dir(inp, v) / ".lock"))
             sweep.run_dir(inp, v).mkdir(parents=True, exist_ok=True)
-            lock.acquire()  # another sweep working on it holds it until done
-            pending[task.remote(inp, v, keep_models, kld_tensors, board)] = (v, lock)
+            lock = sweep.take_lock(sweep.run_dir(inp, v) / ".lock", v, display.step)
+            pending[task.remote(inp, v, keep_models, kld_tensors, board)] = (v, lock, time.time())
         if v.name in rows:
             display.finished(v, rows[v.name], 0.0, False)
     try:
@@ -262,10 +260,10 @@ def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, 
             left = len(pending) - len(done)
             display.cluster(_status(running, time.time()), left, min(slots, max(left, 1)))
             for ref in done:
-                v, lock = pending.pop(ref)
+                v, lock, submitted = pending.pop(ref)
                 try:
                     res = ray.get(ref)
-                    row = land(inp, v, res, kld_tensors, attempts.get(v.name, 1))
+                    row = land(inp, v, res, kld_tensors, attempts.get(v.name, 1), submitted)
                     seconds = res["end"] - res["start"]
                 except Exception as e:  # the task itself was lost (retries spent, node gone)
                     reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -276,6 +274,6 @@ def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, 
                 rows[v.name] = sweep.finish_row(v, row) if row["status"] == "ok" else row
                 display.finished(v, rows[v.name], seconds or 0.0, seconds is not None)
     finally:
-        for v, lock in pending.values():
+        for _, lock, _ in pending.values():
             lock.release()
     return [rows[v.name] for v in variants]

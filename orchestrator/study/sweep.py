@@ -141,7 +141,7 @@ def _clear_leftovers(d: Path) -> None:
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
-def _lock(path: Path, v: Variant, step) -> filelock.FileLock:
+def take_lock(path: Path, v: Variant, step) -> filelock.FileLock:
     lock = filelock.FileLock(str(path))
     try:
         lock.acquire(timeout=0)
@@ -160,7 +160,7 @@ def scored(inp: Inputs, v: Variant, model: Path, sdir: Path, kld_base: KldBase |
     the same tensors was already scored, else measured now."""
     base_logits = inp.kld and v.kind == "base"
     sdir.mkdir(parents=True, exist_ok=True)
-    lock = _lock(sdir / ".lock", v, step)
+    lock = take_lock(sdir / ".lock", v, step)
     try:
         if _scored(sdir, base_logits):
             return read_json(sdir / "perplexity.json")
@@ -184,7 +184,7 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | 
     result_path = run / "result.json"
     model = inp.base.path if v.kind == "base" else run / "model.gguf"
     base_logits = inp.kld and v.kind == "base"
-    lock = _lock(run / ".lock", v, step)
+    lock = take_lock(run / ".lock", v, step)
     try:
         if result_path.exists():
             result = read_json(result_path)
@@ -429,7 +429,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
                      threads or os.cpu_count() or 1, dict(llama_env or {}))
         if kld:
             size = kld_size_estimate(base.path, exp.chunks, exp.ctx)
-            where = paths.cache_dir() / "runs"
+            where = inp.cache / "scores"
             print(f"note: --kld stores the base's logits once ({'about %.1f GB' % (size / 1e9) if size else 'size unknown: all chunks'}) "
                   f"under {where}", flush=True)
         rows = run_sweep(exp, inp, out, keep_models, execute)
