@@ -398,6 +398,44 @@ def compare(directory, a, b):
         click.echo(line)
 
 
+@cli.group("cache")
+def cache_group():
+    """What the run cache holds, and clearing it."""
+
+
+@cache_group.command("list")
+def cache_list():
+    """Run and score directories per sweep, with sizes and last use."""
+    from .study import cache
+    for line in cache.listing(cache.entries(paths.cache_dir())):
+        click.echo(line)
+
+
+@cache_group.command("gc")
+@click.option("--older-than", default=None, help="Remove what was last used longer ago than this (30d, 12h, 2w).")
+@click.option("--keep-last", type=click.IntRange(1), default=None,
+              help="Keep everything the N most recently used sweeps used.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+def cache_gc(older_than, keep_last, dry_run):
+    """Remove run and score directories no longer wanted (never one a live sweep holds)."""
+    import time
+
+    from .study import cache
+    age = cache.parse_age(older_than) if older_than is not None else None
+    items = cache.doomed(cache.entries(paths.cache_dir()), age, keep_last, time.time())
+    freed, busy = 0, []
+    for e in items:
+        if cache.in_use(e) or (not dry_run and not cache.remove(e)):
+            busy.append(e)
+            continue
+        freed += e.size
+        click.echo(f"{'would remove' if dry_run else 'removed'} {e.kind} {e.name} {cache.human(e.size)} "
+                   f"(last used {cache.when(e.last_use)}): {e.path}")
+    for e in busy:
+        click.echo(f"kept {e.kind} {e.name}: a live sweep holds it ({e.path})")
+    click.echo(f"{'would free' if dry_run else 'freed'} {cache.human(freed)} in {len(items) - len(busy)} directories")
+
+
 @cli.group()
 def tables():
     """Translation tables for the Q8_0 -> 4-bit experiments."""

@@ -228,9 +228,9 @@ def _status(running: dict, now: float) -> str:
     return ", ".join(f"{n}@{r['node']} {r['step']} {int(now - r['since'])}s" for n, r in sorted(running.items()))
 
 
-def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, unfit: dict,
+def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, unfit: dict, record,
         address: str | None = None) -> list[dict]:
-    """Every variant as a Ray task; rows in the experiment's order."""
+    """Every variant as a Ray task; rows in the experiment's order (record: as in sweep.run_local)."""
     ray = connect(address)
     problem = ray.get(ray.remote(check_node).options(num_cpus=0).remote(inp, variants))
     if problem:
@@ -252,6 +252,7 @@ def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, 
             lock = sweep.take_lock(sweep.run_dir(inp, v) / ".lock", v, display.step)
             pending[task.remote(inp, v, keep_models, kld_tensors, board)] = (v, lock, time.time())
         if v.name in rows:
+            record(rows[v.name])
             display.finished(v, rows[v.name], 0.0, False)
     try:
         while pending:
@@ -272,6 +273,7 @@ def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, 
                     lock.release()
                 board.done.remote(v.name)
                 rows[v.name] = sweep.finish_row(v, row) if row["status"] == "ok" else row
+                record(rows[v.name])
                 display.finished(v, rows[v.name], seconds or 0.0, seconds is not None)
     finally:
         for _, lock, _ in pending.values():

@@ -10,6 +10,7 @@ the next one and a half-written file is never read as a result. A variant that f
 any way, expected or not, becomes a failed row with its reason and log, and the sweep goes on.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from ..fork.build import Fork
 from ..hooks.quantize import run_quantize
 from ..parse import parse_perplexity
 from ..proc import Progress, clean_env, failure_reason, run_logged
-from . import analysis, paired, scores, stats
+from . import analysis, cache, paired, scores, stats
 from .base import Base
 from .experiment import Experiment, Variant
 
@@ -336,8 +337,9 @@ def finish_row(v: Variant, row: dict) -> dict:
     return {**row, "table_file": str(v.table.path) if v.table else None}
 
 
-def run_local(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit: dict) -> list[dict]:
-    """Every variant in turn, in this process (the base first: with --kld it provides the logits)."""
+def run_local(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit: dict, record) -> list[dict]:
+    """Every variant in turn, in this process (the base first: with --kld it provides the logits).
+    record(row) notes each finished variant's use in the cache."""
     rows = []
     kld_base = None
     for v in variants:
@@ -357,6 +359,7 @@ def run_local(variants: list[Variant], inp: Inputs, keep_models: bool, display, 
             row = unexpected_failure(inp, v, e)
         if v.kind == "base" and inp.kld and row["status"] == "ok":
             kld_base = KldBase(row["tensor_key"], Path(row["score_dir"]) / "logits.bin")
+        record(row)
         display.finished(v, row, time.monotonic() - t0, bool(worked))
         rows.append(row)
     return rows
@@ -365,7 +368,7 @@ def run_local(variants: list[Variant], inp: Inputs, keep_models: bool, display, 
 def run_sweep(exp: Experiment, inp: Inputs, out: Path, keep_models: bool = False, execute=run_local) -> list[dict]:
     """Every variant of the experiment, with an executor: run_local, or cluster.run (Ray)."""
     variants, unfit = prepared(exp, inp, out)
-    return execute(variants, inp, keep_models, Display(variants), unfit)
+    return execute(variants, inp, keep_models, Display(variants), unfit, functools.partial(cache.record, sweep=out))
 
 
 def kld_size_estimate(base: Path, inp_chunks: int, ctx: int) -> int | None:
