@@ -340,14 +340,22 @@ def quantize(base, out, qtype, mode, radius, table, hist, threads, llama_env, ex
               help="Run the variants here one by one, or as Ray tasks on a cluster (pip install -e '.[ray]').")
 @click.option("--ray-address", default=None,
               help="The Ray cluster's head HOST:PORT (default: $RAY_ADDRESS, else a local Ray started for the sweep).")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Say what would run, the disk at its peak and the time; run nothing (at most a one-chunk calibration).")
+@click.option("--force", is_flag=True, help="Start even when the disk looks too small for the sweep.")
 @LLAMA_ENV
 def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, keep_models, threads, damage_variant,
-          reference, executor, ray_address, llama_env):
+          reference, executor, ray_address, plan_only, force, llama_env):
     """Quantize and score every variant of an experiment; write results, figures and a report."""
     from .study import experiment
     from .study import sweep as sweep_mod
     exp = experiment.override(experiment.load_experiment(config), radius=radius, tables=tables, types=types,
                               ctx=ctx, chunks=chunks)
+    if plan_only:
+        for line in sweep_mod.plan_sweep(exp, model, text, kld=kld, keep_models=keep_models, threads=threads,
+                                         llama_env=_llama_env(llama_env)):
+            click.echo(line)
+        return
     execute = sweep_mod.run_local
     if executor == "ray":
         from .study import cluster
@@ -357,7 +365,7 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, kee
         raise OrchestrateError("--ray-address needs --executor ray")
     out_dir, doc = sweep_mod.sweep(exp, model, text, out, kld=kld, keep_models=keep_models, threads=threads,
                                    damage_variant=damage_variant, llama_env=_llama_env(llama_env),
-                                   reference=reference, execute=execute)
+                                   reference=reference, execute=execute, force=force)
     failed = [r["name"] for r in doc["variants"] if r["status"] != "ok"]
     click.echo(f"report: {out_dir / 'report.md'}")
     if failed:

@@ -60,6 +60,18 @@ def describe(path: Path, sha256: str) -> tuple[tuple[str, ...], str | None]:
     return types, ftype
 
 
+def upcast_path(model: Path, sha: str) -> Path:
+    """Where the F16 upcast of a quantized model is kept."""
+    return paths.cache_dir() / "bases" / f"{sha[:16]}-{Path(model).stem}-F16.gguf"
+
+
+def needs_upcast(model: Path) -> bool:
+    """A quantized model whose F16 upcast is not made yet."""
+    sha = file_id(model)
+    types, _ = describe(model, sha)
+    return any(t not in analysis.FLOAT_TYPES for t in types) and not upcast_path(model, sha).exists()
+
+
 def prepare_base(model: Path, fork: Fork) -> Base:
     """The model itself if its weights are float; else its F16 upcast, made once and cached."""
     model = Path(model)
@@ -73,7 +85,7 @@ def prepare_base(model: Path, fork: Fork) -> Base:
         raise OrchestrateError(f"{model} has no weight matrices: not a model to quantize")
     if not quantized:
         return Base(model.resolve(), sha, types, model.resolve(), sha, None)
-    dest = paths.cache_dir() / "bases" / f"{sha[:16]}-{model.stem}-F16.gguf"
+    dest = upcast_path(model, sha)
     label = ftype or "/".join(quantized)
     if not dest.exists():
         print(f"note: {model.name} is already quantized ({label}); making an F16 upcast of it as the base "

@@ -192,15 +192,6 @@ class Board:
 
 # ---- on the driver ------------------------------------------------------------------------
 
-def cached_row(inp: sweep.Inputs, v: Variant) -> dict | None:
-    """The variant's result in the driver's cache, if it is finished (logits may live elsewhere)."""
-    result = sweep.run_dir(inp, v) / "result.json"
-    if not result.exists():
-        return None
-    row = read_json(result)
-    return row if (Path(row["score_dir"]) / "perplexity.json").exists() else None
-
-
 def land(inp: sweep.Inputs, v: Variant, res: dict, kld_tensors: str | None, attempts: int, submitted: float) -> dict:
     """Write what a task brought back into the driver's run and score directories, result.json last."""
     run = sweep.run_dir(inp, v)
@@ -245,7 +236,7 @@ def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, 
     for v in variants:
         if v.name in unfit:
             rows[v.name] = sweep.failed_row(v, unfit[v.name], None)
-        elif (row := cached_row(inp, v)) is not None:
+        elif (row := sweep.finished_row(inp, v)) is not None:
             rows[v.name] = sweep.finish_row(v, row)
         else:
             sweep.run_dir(inp, v).mkdir(parents=True, exist_ok=True)

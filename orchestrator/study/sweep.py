@@ -30,7 +30,7 @@ from ..fork.build import Fork
 from ..hooks.quantize import run_quantize
 from ..parse import parse_perplexity
 from ..proc import Progress, clean_env, failure_reason, run_logged
-from . import analysis, cache, paired, scores, stats
+from . import analysis, cache, paired, plan, scores, stats
 from .base import Base
 from .experiment import Experiment, Variant
 
@@ -150,6 +150,16 @@ def take_lock(path: Path, v: Variant, step) -> filelock.FileLock:
         step(v, "waiting for another sweep working on it")
         lock.acquire()
     return lock
+
+
+def finished_row(inp: Inputs, v: Variant) -> dict | None:
+    """The variant's result in this cache, if it is finished (the base's --kld logits may not be here:
+    a cluster node keeps its own)."""
+    result = run_dir(inp, v) / "result.json"
+    if not result.exists():
+        return None
+    row = read_json(result)
+    return row if (Path(row["score_dir"]) / "perplexity.json").exists() else None
 
 
 def _scored(sdir: Path, logits: bool) -> bool:
@@ -397,22 +407,16 @@ def compare_all(rows: list[dict], reference: str | None) -> dict:
 
 def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | None, kld: bool = False,
           keep_models: bool = False, threads: int | None = None, damage_variant: str | None = None,
-          llama_env: dict | None = None, reference: str | None = None, execute=run_local) -> tuple[Path, dict]:
+          llama_env: dict | None = None, reference: str | None = None, execute=run_local,
+          force: bool = False) -> tuple[Path, dict]:
     """The main job: build if needed, prepare the base, run every variant, write the report."""
-    from .. import demo
     from ..fetch import sha256_of
     from ..fork import build
     from ..hooks.quantize import canonical_type, needs_imatrix
     from ..report import report
     from .base import prepare_base
 
-    model = Path(model) if model else demo.demo_model()
-    text = Path(text) if text else demo.demo_text()
-    for what, path in (("model", model), ("text", text)):
-        if path.is_dir():
-            raise OrchestrateError(f"{what} {path} is a directory, not a file")
-        if not path.is_file():
-            raise OrchestrateError(f"{what} {path} does not exist")
+    model, text = _inputs(model, text)
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{model.stem}"
     names = [v.name for v in exp.variants()]
     if reference is not None and reference not in names:
@@ -435,6 +439,12 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
             where = inp.cache / "scores"
             print(f"note: --kld stores the base's logits once ({'about %.1f GB' % (size / 1e9) if size else 'size unknown: all chunks'}) "
                   f"under {where}", flush=True)
+        if execute is run_local:  # (on a cluster, models and logits go to the workers' disks)
+            todo = [v for v in exp.variants() if not finished_row(inp, v)]
+            need = plan.disk_need(base.path.stat().st_size, [v.qtype for v in todo if v.kind != "base"], keep_models,
+                                  _logits_bytes(inp, model) if any(v.kind == "base" for v in todo) else 0, 0,
+                                  plan.history(inp.cache))
+            plan.refuse_if_too_big(need, inp.cache, force)
         rows = run_sweep(exp, inp, out, keep_models, execute)
         settings = {"ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld, "threads": inp.threads,
                     "llama_env": inp.llama_env}
@@ -442,3 +452,75 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         doc["paired"] = compare_all(rows, reference)
         report.write_all(doc, out, damage_variant)
     return out, doc
+
+
+def _inputs(model: Path | None, text: Path | None) -> tuple[Path, Path]:
+    """The model and text a sweep uses (the demo's by default), checked to be files."""
+    from .. import demo
+    model = Path(model) if model else demo.demo_model()
+    text = Path(text) if text else demo.demo_text()
+    for what, path in (("model", model), ("text", text)):
+        if path.is_dir():
+            raise OrchestrateError(f"{what} {path} is a directory, not a file")
+        if not path.is_file():
+            raise OrchestrateError(f"{what} {path} does not exist")
+    return model, text
+
+
+def _chunks(inp: Inputs) -> int:
+    """Chunks that will be scored (a whole text's from its size when --chunks 0)."""
+    return inp.chunks or max(1, inp.text.stat().st_size // plan.CHARS_PER_TOKEN // inp.ctx)
+
+
+def _logits_bytes(inp: Inputs, model: Path) -> int:
+    return (kld_size_estimate(model, _chunks(inp), inp.ctx) or 0) if inp.kld else 0
+
+
+def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool = False, keep_models: bool = False,
+               threads: int | None = None, llama_env: dict | None = None) -> list[str]:
+    """`sweep --plan`: the variants, which are cached, the disk at the peak against the free space,
+    and the time, without running the sweep (at most a one-chunk calibration of the base)."""
+    from ..fetch import sha256_of
+    from ..fork import build
+    from dataclasses import replace
+
+    from ..hooks.quantize import canonical_type
+    from ..hooks.tables import cached_histogram, fit
+    from .base import Base, file_id, needs_upcast, prepare_base, upcast_path
+    model, text = _inputs(model, text)
+    fork = build.current()
+    exp = exp.with_types(lambda t: canonical_type(fork, t))
+    params = plan.model_params(model)
+    upcast = 2 * params if needs_upcast(model) else 0
+    if upcast:  # a stand-in: no run of it exists, and nothing is made here
+        sha = file_id(model)
+        base = Base(upcast_path(model, sha), "", (), model.resolve(), sha, "quantized")
+    else:
+        base = prepare_base(model, fork)
+    inp = Inputs(fork, base, text.resolve(), sha256_of(text), exp.ctx, exp.chunks, kld,
+                 threads or os.cpu_count() or 1, dict(llama_env or {}))
+    variants = exp.variants()
+    fitted_from = None if upcast else cached_histogram(fork, base.sha256)
+    if fitted_from is not None:  # the tables the sweep will fit (a pure computation): their runs are known
+        variants = [replace(v, table=fit(v.fit, fitted_from)) if v.fit else v for v in variants]
+    states = {v.name: "cached" if finished_row(inp, v) else "to run" for v in variants}
+    hist = plan.history(inp.cache)
+    calibrated = None
+    if not hist.perplexity and not upcast:
+        print("note: no earlier runs to time by: one chunk of the base is run to calibrate", flush=True)
+        calibrated = plan.calibrate(fork, base.path, inp.text, inp.ctx, inp.threads, inp.llama_env)
+    base_bytes = upcast or base.path.stat().st_size
+    tokens = _chunks(inp) * inp.ctx
+    rows = [(v.name, states[v.name], *plan.estimate(v.qtype, base_bytes / 2 ** 20, tokens, params, hist, calibrated))
+            for v in variants]
+    if upcast:
+        rows.insert(0, ("(F16 upcast)", "to make", plan.estimate("F16", base_bytes / 2 ** 20, 0, params, hist, None)[0], 0.0))
+    todo = [v for v in variants if states[v.name] != "cached"]
+    need = plan.disk_need(base_bytes, [v.qtype for v in todo if v.kind != "base"], keep_models,
+                          _logits_bytes(inp, model) if states["base"] != "cached" else 0, upcast, hist)
+    header = (f"plan: {exp.name} on {model.name}: {len(variants)} variants, {len(todo)} to run; {inp.text.name}, "
+              f"-c {inp.ctx}, {inp.chunks or f'all (about {_chunks(inp)})'} chunks, {inp.threads} threads")
+    source = (f"perplexity timed from {sum(map(len, hist.perplexity.values()))} earlier runs here" if hist.perplexity else
+              "perplexity timed by a one-chunk calibration" if calibrated else "no perplexity timing yet")
+    source += f", quantize from {sum(map(len, hist.quantize.values()))} earlier runs"
+    return plan.render(header, rows, need, keep_models, inp.cache, source)

@@ -1,0 +1,171 @@
+"""What a sweep will do, need and take, before it runs (`sweep --plan`), and the disk check that
+makes a real sweep refuse to start when its cache cannot hold it.
+
+Disk: the base's F16 upcast (once), the quantized models (one at a time; all with --keep-models),
+the base's logits with --kld, and the small artifacts, against the free space where the cache
+is. Sizes of quantized models come from earlier runs of the same type on this machine (the
+ratio of output to input size), else from the type's bits per weight. Time: from this
+machine's earlier runs in the cache (quantize: MiB of input per second; perplexity: seconds per
+token and billion parameters), else from a one-chunk calibration run of the base.
+"""
+
+import shutil
+import statistics
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from ..errors import OrchestrateError
+from ..files import read_json
+from ..proc import clean_env
+from . import analysis, scores
+from .cache import human
+
+MARGIN = 1.10           # sizes are estimates: ask for 10% more
+ARTIFACTS = 2 << 20     # histograms, analysis, scores, logs per variant (bytes, generous)
+CHARS_PER_TOKEN = 4     # to estimate the chunks of a whole text (--chunks 0)
+
+
+@dataclass
+class Need:
+    upcast: int = 0     # bytes of the base's F16 upcast, when it is still to be made
+    models: int = 0     # peak bytes of quantized models on disk
+    logits: int = 0     # bytes of the base's logits (--kld), when still to be made
+    artifacts: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.upcast + self.models + self.logits + self.artifacts
+
+
+def _main_tensor_type(qtype: str) -> gguf.GGMLQuantizationType:
+    """The tensor type a llama-quantize type (or mix, Q4_K_M) mostly writes; Q8_0 when unknown."""
+    name = qtype.upper()
+    for candidate in (name, name.rsplit("_", 1)[0]):
+        if candidate in gguf.GGMLQuantizationType.__members__:
+            return gguf.GGMLQuantizationType[candidate]
+    return gguf.GGMLQuantizationType.Q8_0
+
+
+def size_ratio(qtype: str, history: dict) -> float:
+    """Output bytes per input (F16) byte for qtype: measured here before, else from bits per weight."""
+    if history.get(qtype):
+        return statistics.median(history[qtype])
+    block, nbytes = gguf.GGML_QUANT_SIZES[_main_tensor_type(qtype)]
+    return 8 * nbytes / block / 16
+
+
+@dataclass
+class History:
+    """This machine's earlier runs, from the cache."""
+    size: dict          # qtype -> [output MiB / input MiB]
+    quantize: dict      # qtype -> [input MiB per second]
+    perplexity: dict    # model file type as llama names it (Q4_0, F16, ...) -> [seconds per token per 1e9 parameters]
+
+
+def history(cache: Path) -> History:
+    h = History({}, {}, {})
+    for q in (cache / "runs").glob("*/quantize.json"):
+        try:
+            d = read_json(q)
+            qtype = d["command"][3] if len(d.get("command", [])) > 3 else None
+            if qtype and d["model_mib"] > 0 and d["seconds"] > 0:
+                h.size.setdefault(qtype, []).append(d["quant_mib"] / d["model_mib"])
+                h.quantize.setdefault(qtype, []).append(d["model_mib"] / d["seconds"])
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue
+    for p in (cache / "scores").glob("*/perplexity.json"):
+        try:
+            seconds = read_json(p)["seconds"]
+            head = (p.parent / "scores.bin").read_bytes()[:scores.HEADER.size]
+            f = scores.HEADER.unpack(head)
+            n_chunk, n_ctx, params, desc = f[3], f[4], f[9], f[11].rstrip(b"\0").decode("utf-8", "replace")
+            if seconds > 0 and params > 0:
+                ftype = desc.split(" ", 2)[-1]  # "llama 7B Q4_0" -> "Q4_0"
+                h.perplexity.setdefault(ftype, []).append(seconds / (n_chunk * n_ctx * params / 1e9))
+        except (OSError, ValueError, KeyError, struct.error):
+            continue
+    return h
+
+
+def calibrate(fork, base: Path, text: Path, ctx: int, threads: int, llama_env: dict) -> float:
+    """Seconds per token per 1e9 parameters of one chunk of the base (a real llama-perplexity run)."""
+    cmd = [str(fork.binary("llama-perplexity")), "-m", str(base), "-f", str(text), "-c", str(ctx), "--chunks", "1",
+           "-t", str(threads)]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, env=clean_env(llama_env))
+    seconds = time.monotonic() - t0
+    if res.returncode != 0:
+        tail = res.stdout.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        raise OrchestrateError(f"calibration run of llama-perplexity failed: {tail[0][-200:]}")
+    return seconds / (ctx * model_params(base) / 1e9)
+
+
+def model_params(path: Path) -> int:
+    return sum(int(t.n_elements) for t in analysis.open_model(path).tensors)
+
+
+def disk_need(base_bytes: int, qtypes: list[str], keep_models: bool, logits_bytes: int, upcast_bytes: int,
+              hist: History) -> Need:
+    """Peak disk for quantizing base_bytes of model to each of qtypes (the variants still to run)."""
+    sizes = [int(base_bytes * size_ratio(t, hist.size)) for t in qtypes]
+    models = sum(sizes) if keep_models else max(sizes, default=0)
+    return Need(upcast_bytes, int(models * MARGIN), int(logits_bytes * MARGIN), ARTIFACTS * (len(qtypes) + 1))
+
+
+def free_bytes(where: Path) -> int:
+    while not where.exists():  # the cache may not exist yet: the disk it will be on
+        where = where.parent
+    return shutil.disk_usage(where).free
+
+
+def refuse_if_too_big(need: Need, where: Path, force: bool) -> None:
+    free = free_bytes(where)
+    if need.total > free and not force:
+        raise OrchestrateError(f"the sweep needs about {human(need.total)} under {where} at its peak and only "
+                               f"{human(free)} is free (`--plan` for the details; `--force` to run anyway)")
+
+
+def duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def estimate(qtype: str | None, base_mib: float, tokens: int, params: int, hist: History,
+             calibrated: float | None) -> tuple[float | None, float | None]:
+    """(quantize seconds, perplexity seconds) of one variant (qtype None: the base, not quantized)."""
+    q = 0.0
+    if qtype:
+        speeds = hist.quantize.get(qtype) or [x for xs in hist.quantize.values() for x in xs]
+        q = base_mib / statistics.median(speeds) if speeds else None
+    rates = hist.perplexity.get(qtype or "F16") or [x for xs in hist.perplexity.values() for x in xs]
+    rate = statistics.median(rates) if rates else calibrated
+    return q, (rate * tokens * params / 1e9 if rate else None)
+
+
+def render(header: str, rows: list[tuple], need: Need, keep_models: bool, where: Path, source: str) -> list[str]:
+    """rows: (variant, state, quantize seconds or None, perplexity seconds or None)."""
+    lines = [header]
+    total, unknown = 0.0, False
+    for name, state, q, p in rows:
+        line = f"  {name:<22} {state:<8}"
+        if state != "cached":
+            unknown |= q is None or p is None
+            total += (q or 0) + (p or 0)
+            steps = [] if q == 0 else ["quantize " + (f"~{duration(q)}" if q is not None else "?")]
+            steps.append("perplexity " + (f"~{duration(p)}" if p is not None else "?"))
+            line += " " + ", ".join(steps)
+        lines.append(line)
+    free = free_bytes(where)
+    parts = [f"base upcast {human(need.upcast)}" if need.upcast else None,
+             f"quantized models {human(need.models)} ({'all kept' if keep_models else 'one at a time'})",
+             f"base logits {human(need.logits)}" if need.logits else None, f"artifacts {human(need.artifacts)}"]
+    lines.append(f"disk: about {human(need.total)} at the peak under {where} ({', '.join(x for x in parts if x)}); "
+                 f"free there: {human(free)}: "
+                 + ("fits" if need.total <= free else "DOES NOT FIT (the sweep will refuse to start without --force)"))
+    lines.append(f"time: about {duration(total)}{' (plus steps with no estimate: ?)' if unknown else ''}; {source}")
+    return lines

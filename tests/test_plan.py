@@ -1,0 +1,68 @@
+"""`sweep --plan` and the disk check of a real sweep."""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import orchestrate
+from orchestrator import paths
+
+TINY = ["--radius", "none", "--tables", "none", "--types", "Q8_0", "--chunks", "2", "--ctx", "128", "--threads", "2"]
+
+
+def fresh_cache(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("downloads", "demo", "bases", "model-ids.json", "model-types", "quant-types", "imatrix-check"):
+        if (paths.cache_dir() / sub).exists():
+            (root / sub).symlink_to(paths.cache_dir() / sub)
+    return root
+
+
+def mb(text: str, label: str) -> float:
+    m = re.search(label + r" ([\d.]+) (kB|MB|GB)", text)
+    assert m, text
+    return float(m.group(1)) * {"kB": 1e-3, "MB": 1, "GB": 1e3}[m.group(2)]
+
+
+def test_plan_runs_nothing_and_its_estimates_hold(fork, demo_base, tmp_path):
+    cache = fresh_cache(tmp_path / "cache")
+    env = {"ORCHESTRATE_CACHE": str(cache)}
+    plan = orchestrate("sweep", *TINY, "--keep-models", "--plan", "--out", tmp_path / "out", env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert "2 variants, 2 to run" in plan.stdout and "one-chunk calibration" in plan.stdout
+    assert re.search(r"q8_0\s+to run\s+quantize \?, perplexity ~\d+m\d\ds", plan.stdout), plan.stdout
+    assert "fits" in plan.stdout
+    assert not (tmp_path / "out").exists() and not (cache / "runs").exists() and not (cache / "scores").exists()
+    estimate = mb(plan.stdout, "quantized models")
+    run = orchestrate("sweep", *TINY, "--keep-models", "--out", tmp_path / "out", env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model = next((cache / "runs").glob("q8_0-*/model.gguf"))
+    actual = model.stat().st_size / 1e6
+    assert actual <= estimate <= 1.3 * actual, (estimate, actual)
+    again = orchestrate("sweep", *TINY, "--plan", "--out", tmp_path / "out", env=env)
+    assert "2 variants, 0 to run" in again.stdout and again.stdout.count("cached") == 2
+    assert "perplexity timed from 2 earlier runs here, quantize from 1 earlier runs" in again.stdout
+    more = orchestrate("sweep", *TINY, "--types", "Q8_0,Q4_0", "--plan", "--out", tmp_path / "out", env=env)
+    assert re.search(r"q4_0\s+to run\s+quantize ~", more.stdout) and re.search(r"q8_0\s+cached", more.stdout)
+
+
+def test_a_sweep_that_will_not_fit_refuses_to_start(fork, demo_base, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs as the cache's disk")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "none", str(small)], check=True)
+    try:
+        cache = fresh_cache(small / "cache")
+        env = {"ORCHESTRATE_CACHE": str(cache)}
+        plan = orchestrate("sweep", *TINY, "--plan", "--out", tmp_path / "out", env=env)
+        assert "DOES NOT FIT" in plan.stdout, plan.stdout
+        res = orchestrate("sweep", *TINY, "--out", tmp_path / "out", env=env)
+        assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert re.search(r"error: the sweep needs about [\d.]+ MB under .* only [\d.]+ MB is free", res.stderr)
+        assert "--force" in res.stderr and not (tmp_path / "out").exists() and not (cache / "runs").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
