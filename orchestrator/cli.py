@@ -58,11 +58,16 @@ def cli():
     """Manage a patched llama.cpp fork for quantization research."""
 
 
+BACKEND = click.option("--backend", type=click.Choice(list(build_mod.BACKENDS)), default="cpu", show_default=True,
+                       help="Where llama-perplexity runs (each backend is built in its own directory).")
+
+
 @cli.command()
 @click.option("-j", "--jobs", type=click.IntRange(1), default=None, help="Parallel compile jobs (default: all cores).")
-def build(jobs):
+@BACKEND
+def build(jobs, backend):
     """Fetch the pinned llama.cpp, apply patches/, compile the fork."""
-    fork = build_mod.build(jobs=jobs, say_up_to_date=True)
+    fork = build_mod.build(jobs=jobs, say_up_to_date=True, backend=backend)
     click.echo(fork.build_dir / "bin")
 
 
@@ -343,9 +348,12 @@ def quantize(base, out, qtype, mode, radius, table, hist, threads, llama_env, ex
 @click.option("--plan", "plan_only", is_flag=True,
               help="Say what would run, the disk at its peak and the time; run nothing (at most a one-chunk calibration).")
 @click.option("--force", is_flag=True, help="Start even when the disk looks too small for the sweep.")
+@BACKEND
+@click.option("--gpu-layers", type=click.IntRange(0), default=None,
+              help="Layers llama-perplexity offloads to the GPU (-ngl; default: all, with a GPU backend).")
 @LLAMA_ENV
 def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, keep_models, threads, damage_variant,
-          reference, executor, ray_address, plan_only, force, llama_env):
+          reference, executor, ray_address, plan_only, force, backend, gpu_layers, llama_env):
     """Quantize and score every variant of an experiment; write results, figures and a report."""
     from .study import experiment
     from .study import sweep as sweep_mod
@@ -353,7 +361,7 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, kee
                               ctx=ctx, chunks=chunks)
     if plan_only:
         for line in sweep_mod.plan_sweep(exp, model, text, kld=kld, keep_models=keep_models, threads=threads,
-                                         llama_env=_llama_env(llama_env)):
+                                         llama_env=_llama_env(llama_env), backend=backend, gpu_layers=gpu_layers):
             click.echo(line)
         return
     execute = sweep_mod.run_local
@@ -365,7 +373,8 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, kee
         raise OrchestrateError("--ray-address needs --executor ray")
     out_dir, doc = sweep_mod.sweep(exp, model, text, out, kld=kld, keep_models=keep_models, threads=threads,
                                    damage_variant=damage_variant, llama_env=_llama_env(llama_env),
-                                   reference=reference, execute=execute, force=force)
+                                   reference=reference, execute=execute, force=force, backend=backend,
+                                   gpu_layers=gpu_layers)
     failed = [r["name"] for r in doc["variants"] if r["status"] != "ok"]
     click.echo(f"report: {out_dir / 'report.md'}")
     if failed:

@@ -37,6 +37,19 @@ CMAKE_OPTIONS = [
     # matmuls on AMX CPUs (llama.cpp issues 20824 and 16315).
     "-DGGML_NATIVE=OFF",
 ]
+# Backends for llama-perplexity (quantization, with the hooks, always runs on the CPU path). Each is
+# built in its own directory, side by side; its options are part of the fork's identity.
+BACKENDS = {
+    "cpu": [],
+    "blas": ["-DGGML_BLAS=ON", "-DGGML_BLAS_VENDOR=OpenBLAS"],
+    "cuda": ["-DGGML_CUDA=ON"],
+    "vulkan": ["-DGGML_VULKAN=ON"],
+    "metal": ["-DGGML_METAL=ON"],
+}
+GPU_BACKENDS = ("cuda", "vulkan", "metal")
+NEEDS = {"blas": "OpenBLAS (Debian/Ubuntu: apt-get install libopenblas-dev pkg-config)",
+         "cuda": "the CUDA toolkit (nvcc on PATH)", "vulkan": "the Vulkan SDK (libvulkan-dev, glslc)",
+         "metal": "macOS with Xcode's command-line tools"}
 STAMP = "orchestrate-stamp.json"
 CONFIGURED = "orchestrate-configured.json"  # the CMake options the build directory's cache was made with
 LOG = "build.log"
@@ -50,6 +63,15 @@ class Fork:
 
     def binary(self, name: str) -> Path:
         return self.build_dir / "bin" / name
+
+    @property
+    def backend(self) -> str:
+        opts = self.stamp["cmake_options"]
+        return next((b for b, o in BACKENDS.items() if o and all(x in opts for x in o)), "cpu")
+
+    @property
+    def gpu(self) -> bool:
+        return self.backend in GPU_BACKENDS
 
     @property
     def id(self) -> str:
@@ -143,8 +165,15 @@ def _run(cmd: list[str], log, what: str, progress: Progress | None) -> None:
         raise subprocess.CalledProcessError(rc, cmd)
 
 
+def build_dir(backend: str = "cpu") -> Path:
+    """vendor/build for the CPU backend, vendor/build-<backend> for the others."""
+    if backend not in BACKENDS:
+        raise OrchestrateError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    return paths.build_dir() if backend == "cpu" else paths.build_dir().with_name(f"build-{backend}")
+
+
 def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool = False,
-          say_up_to_date: bool = False) -> Fork:
+          say_up_to_date: bool = False, backend: str = "cpu") -> Fork:
     """Fetch if needed, apply the series, compile. Returns the built fork. Progress is shown
     unless quiet; that nothing needed building is said only when asked."""
     require_tools()
@@ -160,8 +189,8 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
         done = patches.apply_series(repo, pdir)
         if done and not quiet:
             print(f"applied {len(done)} patch(es): {', '.join(done)}", file=sys.stderr)
-    bdir = paths.build_dir()
-    stamp = inputs_stamp(repo, pin, list(CMAKE_OPTIONS))
+    bdir = build_dir(backend)
+    stamp = inputs_stamp(repo, pin, CMAKE_OPTIONS + BACKENDS[backend])
     stamp_path = bdir / STAMP
     fork = Fork(bdir, stamp)
     if _read_stamp(stamp_path) == stamp and all(fork.binary(t).exists() for t in TARGETS):
@@ -188,7 +217,8 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
             log.flush()
             tail = read_text(log_path).splitlines()[-15:]
             print("\n".join(tail), file=sys.stderr)
-            raise OrchestrateError(f"build of the fork failed; full log: {log_path}") from None
+            need = f" (the {backend} backend needs {NEEDS[backend]})" if backend in NEEDS else ""
+            raise OrchestrateError(f"build of the fork failed{need}; full log: {log_path}") from None
     write_json(stamp_path, stamp)
     if not quiet:
         print(f"built fork {stamp['id']} in {time.monotonic() - t0:.0f} s; log: {log_path}", file=sys.stderr)
@@ -216,13 +246,15 @@ def _read_stamp(path: Path) -> dict | None:
         return None
 
 
-def current() -> Fork:
+def current(backend: str = "cpu") -> Fork:
     """The fork as last built, without building (error if there is none)."""
-    stamp = _read_stamp(paths.build_dir() / STAMP)
+    bdir = build_dir(backend)
+    how = "`orchestrate build`" + ("" if backend == "cpu" else f" --backend {backend}")
+    stamp = _read_stamp(bdir / STAMP)
     if stamp is None:
-        raise OrchestrateError("the fork is not built yet: run `orchestrate build`")
-    fork = Fork(paths.build_dir(), stamp)
+        raise OrchestrateError(f"the fork is not built yet{'' if backend == 'cpu' else f' for {backend}'}: run {how}")
+    fork = Fork(bdir, stamp)
     for t in TARGETS:
         if not fork.binary(t).exists():
-            raise OrchestrateError(f"{fork.binary(t)} is missing: run `orchestrate build`")
+            raise OrchestrateError(f"{fork.binary(t)} is missing: run {how}")
     return fork

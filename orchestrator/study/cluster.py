@@ -31,7 +31,6 @@ INSTALL = "pip install -e '.[ray]'"
 RETRIES = 2  # re-runs of a variant whose worker process or node died
 RUN_FILES = ("quantize.json", "quantize.log", "hist.json", "analysis.json", "tensors.json")
 SCORE_FILES = ("perplexity.json", "perplexity.log", "scores.bin")
-GPU_OPTIONS = ("-DGGML_CUDA=ON", "-DGGML_VULKAN=ON", "-DGGML_METAL=ON", "-DGGML_HIP=ON", "-DGGML_SYCL=ON")
 
 
 def import_ray():
@@ -86,10 +85,6 @@ def _stderr_to(path: Path):
             os.close(saved)
 
 
-def gpus_per_task(fork) -> int:
-    return 1 if any(o in fork.stamp["cmake_options"] for o in GPU_OPTIONS) else 0
-
-
 # ---- on the worker ------------------------------------------------------------------------
 
 def _node() -> str:
@@ -105,7 +100,7 @@ def worker_inputs(inp: sweep.Inputs, variants: list[Variant]) -> sweep.Inputs:
     from .base import file_id
     node = _node()
     try:
-        fork = build.current()
+        fork = build.current(inp.fork.backend)
     except OrchestrateError as e:
         raise OrchestrateError(f"node {node} has no usable fork build ({e})") from None
     if fork.id != inp.fork.id:
@@ -229,7 +224,7 @@ def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, 
     from .analysis import tensor_key
     kld_tensors = tensor_key(inp.base.path) if inp.kld else None
     board = ray.remote(Board).options(num_cpus=0).remote()
-    task = ray.remote(run_task).options(num_cpus=inp.threads, num_gpus=gpus_per_task(inp.fork),
+    task = ray.remote(run_task).options(num_cpus=inp.threads, num_gpus=1 if inp.fork.gpu else 0,
                                         max_retries=RETRIES, retry_exceptions=False)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // inp.threads)
     rows, pending = {}, {}

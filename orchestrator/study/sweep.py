@@ -34,6 +34,7 @@ from . import analysis, cache, paired, plan, scores, stats
 from .base import Base
 from .experiment import Experiment, Variant
 
+ALL_LAYERS = 999  # -ngl for "every layer on the GPU"
 RUN_FORMAT = 7  # bump when a run or score directory's contents change, so older ones are not reused
 
 
@@ -50,6 +51,7 @@ class Inputs:
     threads: int
     llama_env: dict = field(default_factory=dict)  # the user's --llama-env, passed to every llama-* run
     cache: Path = field(default_factory=paths.cache_dir)  # holds runs/ and scores/ (a cluster worker's own)
+    gpu_layers: int | None = None  # llama-perplexity -ngl (None: not passed)
 
 
 class StepError(OrchestrateError):
@@ -64,6 +66,8 @@ def run_key(inp: Inputs, v: Variant) -> str:
         "perplexity": {"text": inp.text_id, "ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld},
         "llama_env": inp.llama_env,
     }
+    if inp.gpu_layers is not None:  # (absent otherwise: the keys of CPU runs stay as they were)
+        determined_by["gpu_layers"] = inp.gpu_layers
     return hashlib.sha256(json.dumps(determined_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -86,6 +90,8 @@ def score_dir(inp: Inputs, tensors: str, kld_base_tensors: str | None) -> Path:
         "perplexity": {"text": inp.text_id, "ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld},
         "kld_base": kld_base_tensors, "llama_env": inp.llama_env,
     }
+    if inp.gpu_layers is not None:
+        determined_by["gpu_layers"] = inp.gpu_layers
     return inp.cache / "scores" / hashlib.sha256(json.dumps(determined_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -100,6 +106,8 @@ def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, sav
            "-t", str(inp.threads)]
     if inp.chunks:
         cmd += ["--chunks", str(inp.chunks)]
+    if inp.gpu_layers is not None:
+        cmd += ["-ngl", str(inp.gpu_layers)]
     tmp_logits = None
     if save_logits:
         tmp_logits = save_logits.with_name(f".{save_logits.name}.partial")
@@ -408,7 +416,7 @@ def compare_all(rows: list[dict], reference: str | None) -> dict:
 def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | None, kld: bool = False,
           keep_models: bool = False, threads: int | None = None, damage_variant: str | None = None,
           llama_env: dict | None = None, reference: str | None = None, execute=run_local,
-          force: bool = False) -> tuple[Path, dict]:
+          force: bool = False, backend: str = "cpu", gpu_layers: int | None = None) -> tuple[Path, dict]:
     """The main job: build if needed, prepare the base, run every variant, write the report."""
     from ..fetch import sha256_of
     from ..fork import build
@@ -424,7 +432,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
                                f"(variants: {', '.join(names)})")
     reference = reference or default_reference(names)
     with results.locked(out):
-        fork = build.build(quiet=False)
+        fork = build.build(quiet=False, backend=backend)
         exp = exp.with_types(lambda t: canonical_type(fork, t))
         base = prepare_base(model, fork)
         need = [t for t in exp.types if needs_imatrix(fork, base.path, base.sha256, t)]
@@ -433,7 +441,8 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
                                    f"for {model.name} (llama-quantize decides this per tensor); "
                                    "orchestrate does not pass one: leave out " + ", ".join(need))
         inp = Inputs(fork, base, text.resolve(), sha256_of(text), exp.ctx, exp.chunks, kld,
-                     threads or os.cpu_count() or 1, dict(llama_env or {}))
+                     threads or os.cpu_count() or 1, dict(llama_env or {}),
+                     gpu_layers=gpu_layers if gpu_layers is not None else (ALL_LAYERS if fork.gpu else None))
         if kld:
             size = kld_size_estimate(base.path, exp.chunks, exp.ctx)
             where = inp.cache / "scores"
@@ -477,7 +486,8 @@ def _logits_bytes(inp: Inputs, model: Path) -> int:
 
 
 def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool = False, keep_models: bool = False,
-               threads: int | None = None, llama_env: dict | None = None) -> list[str]:
+               threads: int | None = None, llama_env: dict | None = None, backend: str = "cpu",
+               gpu_layers: int | None = None) -> list[str]:
     """`sweep --plan`: the variants, which are cached, the disk at the peak against the free space,
     and the time, without running the sweep (at most a one-chunk calibration of the base)."""
     from ..fetch import sha256_of
@@ -488,7 +498,7 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool
     from ..hooks.tables import cached_histogram, fit
     from .base import Base, file_id, needs_upcast, prepare_base, upcast_path
     model, text = _inputs(model, text)
-    fork = build.current()
+    fork = build.current(backend)
     exp = exp.with_types(lambda t: canonical_type(fork, t))
     params = plan.model_params(model)
     upcast = 2 * params if needs_upcast(model) else 0
@@ -498,7 +508,8 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool
     else:
         base = prepare_base(model, fork)
     inp = Inputs(fork, base, text.resolve(), sha256_of(text), exp.ctx, exp.chunks, kld,
-                 threads or os.cpu_count() or 1, dict(llama_env or {}))
+                 threads or os.cpu_count() or 1, dict(llama_env or {}),
+                 gpu_layers=gpu_layers if gpu_layers is not None else (ALL_LAYERS if fork.gpu else None))
     variants = exp.variants()
     fitted_from = None if upcast else cached_histogram(fork, base.sha256)
     if fitted_from is not None:  # the tables the sweep will fit (a pure computation): their runs are known
