@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import OrchestrateError
-from ..files import read_json, read_text, write_atomic, write_json
+from ..files import read_text, write_atomic, write_json
 from . import sweep
 from .experiment import Variant
 
