@@ -10,7 +10,7 @@ import pytest
 
 from conftest import orchestrate
 from orchestrator.hooks import conf
-from orchestrator.study import analysis
+from orchestrator.study import analysis, stats
 from orchestrator.parse import parse_perplexity
 from orchestrator.proc import clean_env
 
@@ -192,3 +192,21 @@ def test_cli_quantize_upcasts_and_cleans_up(fork, tmp_path):
     assert res.returncode == 1 and "llama-quantize failed" in res.stderr and "log:" in res.stderr
     assert not (tmp_path / "bad.gguf").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")) == ["h.json", "r1.gguf"]
+
+
+@pytest.mark.parametrize("name,qtype,kw", [
+    ("err-q4_0", "Q4_0", {}), ("err-r2", "Q4_0", {"pablo": True, "radius": 2}), ("err-table", "Q8_0", "balanced"),
+    ("err-q4_k_m", "Q4_K_M", {}), ("err-iq4_nl", "IQ4_NL", {}), ("err-bf16", "BF16", {})])
+def test_hooks_measure_the_error_an_independent_pass_finds(q, demo_base, name, qtype, kw):
+    """The error sums the hooks take while quantizing agree with numpy's pass over both files (1e-6)."""
+    if kw == "balanced":
+        kw = {"pablo": True, "table": conf.load_table(TABLES / "balanced.table")}
+    out, h = q(name, qtype, **kw)
+    hooks = json.loads(h.read_text())
+    measured = [t for t in hooks["tensors"] if "sq_err" in t]
+    assert measured and all(t["measured"] > 0 and t["sq_norm"] > 0 for t in measured)
+    from_hooks, by_numpy = stats.damage(demo_base, out, hooks), stats.damage(demo_base, out)
+    assert from_hooks["model_rel_rmse"] == pytest.approx(by_numpy["model_rel_rmse"], rel=1e-6)
+    assert by_numpy["model_rel_rmse"] > 0
+    for a, b in zip(from_hooks["tensors"], by_numpy["tensors"]):
+        assert a["name"] == b["name"] and a["rel_rmse"] == pytest.approx(b["rel_rmse"], rel=1e-6, abs=1e-12), a["name"]

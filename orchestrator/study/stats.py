@@ -129,17 +129,28 @@ def _tensor_error(qt, bt) -> tuple[float, float] | None:
     return err, ref
 
 
-def damage(base: Path, quant: Path) -> dict:
+def damage(base: Path, quant: Path, hooks: dict | None = None) -> dict:
     """Per weight matrix: RMSE of the quantized weights against the base, relative to the base
     tensor's RMS (None where the type cannot be decoded); and the whole model's relative RMSE
-    over the tensors that could (None if some could not: a partial figure would mislead)."""
-    base_t = {t.name: t for t in open_model(base).tensors}
+    over the tensors that could (None if some could not: a partial figure would mislead).
+
+    hooks: the histogram file of the quantization. Its per-tensor sums, measured by the hooks
+    while quantizing, are used instead of a pass over both models; only a matrix the quantizer
+    copied (no sums: error 0) is read, for its norm. Without it, everything is measured here:
+    the independent check of the hooks' figures."""
+    sums = {t["name"]: (t["sq_err"], t["sq_norm"]) for t in (hooks or {}).get("tensors", []) if "sq_err" in t}
+    base_t = None
     rows, err_total, ref_total, complete = [], 0.0, 0.0, True
     for qt in open_model(quant).tensors:
-        bt = base_t.get(qt.name)
-        if bt is None or not is_matrix(qt):
+        if not is_matrix(qt):
             continue
-        e = _tensor_error(qt, bt)
+        e = sums.get(qt.name)
+        if e is None:
+            base_t = base_t or {t.name: t for t in open_model(base).tensors}
+            bt = base_t.get(qt.name)
+            if bt is None:
+                continue
+            e = _tensor_error(qt, bt)
         layer, kind = tensor_kind(qt.name)
         rel = None if e is None else ((e[0] / e[1]) ** 0.5 if e[1] else 0.0)
         rows.append({"name": qt.name, "layer": layer, "kind": kind, "type": qt.tensor_type.name, "rel_rmse": rel})

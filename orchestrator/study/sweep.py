@@ -243,7 +243,8 @@ def analyse(inp: Inputs, v: Variant, model: Path) -> dict:
     try:
         out = analysis.model_stats(model)
         out.update(stats.compressibility(model, out["main_type"]))
-        out["damage"] = None if v.kind == "base" else stats.damage(inp.base.path, model)
+        hooks = None if v.kind == "base" else read_json(model.parent / "hist.json")
+        out["damage"] = None if v.kind == "base" else stats.damage(inp.base.path, model, hooks)
     except OrchestrateError as e:
         raise StepError(f"analysis of {model.name} failed: {e}", model) from None
     out["seconds"] = time.monotonic() - t0
