@@ -180,6 +180,9 @@ def main() -> None:
               f"per quantized variant: {(wall - inside) / max(variants, 1):.1f} s of Python against "
               f"{q_wall / max(variants, 1):.1f} s of llama-quantize: ratio {(wall - inside) / max(q_wall, 1e-9):.2f} "
               "(target <= 0.10; includes preparing the base and the report)", flush=True)
+        per = [(r["analysis_seconds"], r["quantize_seconds"]) for r in rows if r["kind"] != "base"]
+        print("analysis per quantized variant / its llama-quantize: "
+              + ", ".join(f"{a:.1f} s / {q:.1f} s = {a / q:.2f}" for a, q in per) + " (target <= 0.10)", flush=True)
         print(f"peak anonymous memory of the orchestrate process: {peak[0] / 1024:.0f} MiB (target <= 1024 MiB)")
 
 
