@@ -7,8 +7,7 @@ from pathlib import Path
 import filelock
 import pytest
 
-from conftest import orchestrate
-from orchestrator import paths
+from conftest import fresh_cache, orchestrate
 from orchestrator.errors import OrchestrateError
 from orchestrator.study import cache
 
@@ -19,11 +18,7 @@ TINY = ["--tables", "none", "--chunks", "2", "--ctx", "128", "--threads", "2"]
 def two_sweeps(fork, demo_base, tmp_path):
     """A fresh run cache used by an older sweep (radius 1) and a newer one (radius 2); both have
     the base and stock Q4_0, which they share."""
-    root = tmp_path / "cache"
-    root.mkdir()
-    for sub in ("downloads", "demo", "bases", "model-ids.json", "model-types", "quant-types", "imatrix-check"):
-        if (paths.cache_dir() / sub).exists():
-            (root / sub).symlink_to(paths.cache_dir() / sub)
+    root = fresh_cache(tmp_path / "cache")
     env = {"ORCHESTRATE_CACHE": str(root)}
     old, new = tmp_path / "old", tmp_path / "new"
     for out, radius in ((old, "1"), (new, "2")):

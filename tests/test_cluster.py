@@ -19,23 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import orchestrate
-from orchestrator import paths
+from conftest import fresh_cache, orchestrate
 
 SMALL = ["--radius", "1", "--types", "Q4_0", "--tables", "basic", "--chunks", "2", "--ctx", "128", "--threads", "1"]
 PORT = 6399
-SHARED = ("downloads", "demo", "bases", "model-ids.json", "model-types", "quant-types", "imatrix-check", "q8_0-hist")
-
-
-def fresh_cache(root: Path) -> Path:
-    """A run cache of its own, sharing the downloads, the demo files and the upcast base."""
-    root.mkdir(parents=True)
-    for sub in SHARED:
-        if (paths.cache_dir() / sub).exists():
-            (root / sub).symlink_to(paths.cache_dir() / sub)
-    return root
-
-
 @pytest.fixture(scope="module")
 def cluster(fork, demo_base, demo_text, tmp_path_factory):
     """A Ray head node with 2 CPUs on 127.0.0.1:6399 in its own network namespace."""

@@ -3,22 +3,12 @@
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import orchestrate
-from orchestrator import paths
+from conftest import fresh_cache, orchestrate
 
 TINY = ["--radius", "none", "--tables", "none", "--types", "Q8_0", "--chunks", "2", "--ctx", "128", "--threads", "2"]
-
-
-def fresh_cache(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for sub in ("downloads", "demo", "bases", "model-ids.json", "model-types", "quant-types", "imatrix-check"):
-        if (paths.cache_dir() / sub).exists():
-            (root / sub).symlink_to(paths.cache_dir() / sub)
-    return root
 
 
 def mb(text: str, label: str) -> float:

@@ -39,16 +39,24 @@ class Entry:
         return max(self.sweeps, key=self.sweeps.get) if self.sweeps else None
 
 
+def _unlocked(d: Path) -> filelock.FileLock | None:
+    """The directory's lock, now held by the caller, or None when a live sweep holds it."""
+    lock = filelock.FileLock(str(Path(d) / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return None
+    return lock
+
+
 def record(row: dict, sweep: Path) -> None:
     """A finished variant was used by this sweep now: note it in its run and score directories."""
     if row.get("status") != "ok":
         return
     for d in (row.get("run_dir"), row.get("score_dir")):
         if d and Path(d).is_dir():
-            lock = filelock.FileLock(str(Path(d) / ".lock"))
-            try:
-                lock.acquire(timeout=0)
-            except filelock.Timeout:
+            lock = _unlocked(Path(d))
+            if lock is None:
                 continue  # another sweep is at work there, and will record its own use
             try:
                 used = _used(Path(d))
@@ -119,10 +127,8 @@ def doomed(items: list[Entry], older_than: float | None, keep_last: int | None, 
 
 def remove(e: Entry) -> bool:
     """Delete an entry unless a live sweep holds it; True when removed."""
-    lock = filelock.FileLock(str(e.path / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
+    lock = _unlocked(e.path)
+    if lock is None:
         return False
     try:
         shutil.rmtree(e.path)
@@ -132,13 +138,10 @@ def remove(e: Entry) -> bool:
 
 
 def in_use(e: Entry) -> bool:
-    lock = filelock.FileLock(str(e.path / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        return True
-    lock.release()
-    return False
+    lock = _unlocked(e.path)
+    if lock is not None:
+        lock.release()
+    return lock is None
 
 
 def human(n: float) -> str:
