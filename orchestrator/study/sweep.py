@@ -443,7 +443,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
                                    "orchestrate does not pass one: leave out " + ", ".join(need))
         inp = Inputs(fork, base, text.resolve(), sha256_of(text), exp.ctx, exp.chunks, kld,
                      threads or os.cpu_count() or 1, dict(llama_env or {}),
-                     gpu_layers=gpu_layers if gpu_layers is not None else (ALL_LAYERS if fork.gpu else None))
+                     gpu_layers=_gpu_layers(fork, gpu_layers))
         if kld:
             size = kld_size_estimate(base.path, exp.chunks, exp.ctx)
             where = inp.cache / "scores"
@@ -462,6 +462,11 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         doc["paired"] = compare_all(rows, reference)
         report.write_all(doc, out, damage_variant)
     return out, doc
+
+
+def _gpu_layers(fork: Fork, asked: int | None) -> int | None:
+    """-ngl for llama-perplexity: as asked, else every layer on a GPU backend, else not passed."""
+    return asked if asked is not None else (ALL_LAYERS if fork.gpu else None)
 
 
 def _inputs(model: Path | None, text: Path | None) -> tuple[Path, Path]:
@@ -510,7 +515,7 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool
         base = prepare_base(model, fork)
     inp = Inputs(fork, base, text.resolve(), sha256_of(text), exp.ctx, exp.chunks, kld,
                  threads or os.cpu_count() or 1, dict(llama_env or {}),
-                 gpu_layers=gpu_layers if gpu_layers is not None else (ALL_LAYERS if fork.gpu else None))
+                 gpu_layers=_gpu_layers(fork, gpu_layers))
     variants = exp.variants()
     fitted_from = None if upcast else cached_histogram(fork, base.sha256)
     if fitted_from is not None:  # the tables the sweep will fit (a pure computation): their runs are known
