@@ -72,7 +72,7 @@ def history(cache: Path) -> History:
     for q in (cache / "runs").glob("*/quantize.json"):
         try:
             d = read_json(q)
-            qtype = d["command"][3] if len(d.get("command", [])) > 3 else None
+            qtype = d["command"][-2]  # [llama-quantize, *extra, base, out, TYPE, threads]
             if qtype and d["model_mib"] > 0 and d["seconds"] > 0:
                 h.size.setdefault(qtype, []).append(d["quant_mib"] / d["model_mib"])
                 h.quantize.setdefault(qtype, []).append(d["model_mib"] / d["seconds"])
@@ -106,7 +106,7 @@ def calibrate(fork, base: Path, text: Path, ctx: int, threads: int, llama_env: d
 
 
 def model_params(path: Path) -> int:
-    return sum(int(t.n_elements) for t in analysis.open_model(path).tensors)
+    return analysis.model_stats(path)["elements"]
 
 
 def disk_need(base_bytes: int, qtypes: list[str], keep_models: bool, logits_bytes: int, upcast_bytes: int,

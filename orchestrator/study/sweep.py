@@ -167,7 +167,7 @@ def finished_row(inp: Inputs, v: Variant) -> dict | None:
     if not result.exists():
         return None
     row = read_json(result)
-    return row if (Path(row["score_dir"]) / "perplexity.json").exists() else None
+    return row if _scored(Path(row["score_dir"]), logits=False) else None
 
 
 def _scored(sdir: Path, logits: bool) -> bool:
