@@ -5,21 +5,22 @@ settings apply. Archives are cached outside the repository and verified on every
 """
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from . import paths
+from . import paths, stream
 from .errors import OrchestrateError
 
 
 def sha256_of(path: Path) -> str:
+    """sha256 of a file, read once and left out of the page cache (stream.py)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for block in stream.read_span(path, 0, os.path.getsize(path)):
+        h.update(block)
     return h.hexdigest()
 
 

@@ -76,6 +76,7 @@ def test_crafted_q4_0_by_hand(crafted):
     runs = [0] * 16
     runs[0], runs[4], runs[15] = 1, 1, 1  # runs of 1, 5 and >= 16
     assert h.zero_runs.tolist() == runs and h.values.tolist() == expect.tolist()
+    assert h.long_run_pieces == 2  # the run of 32: two pieces of 16
     p = [38 / 64, 10 / 64, 16 / 64]
     assert stats.entropy_bits(counts) == pytest.approx(-sum(x * math.log2(x) for x in p))
     # 26 literals of 1 + 4 bits; runs 5, 1 (one token each) and 32 (two tokens) of 1 + 4 bits
@@ -88,10 +89,42 @@ def test_crafted_q8_0_and_whole_file(crafted):
     assert bin_min == -128
     assert {v + bin_min: int(c) for v, c in enumerate(counts) if c} == {0: 3, 7: 1, 127: 1, -127: 1, 3: 26}
     assert stats.rle_bits(t) == 29 * 9 + 2 * 5
-    c = stats.compressibility(crafted, "Q8_0")
+    c = stats.recount(crafted, "Q8_0")
     assert c["rle_bpw"] == (29 * 9 + 2 * 5) / 32
     assert c["entropy_bpw"] == pytest.approx(stats.entropy_bits(counts))
-    assert 0 < c["zstd_bpw"] < 64
+
+
+def test_scan_measures_zstd_per_tensor_and_keys_the_content(crafted, tmp_path):
+    import zstandard
+    reader = analysis.open_model(crafted)
+    s = analysis.scan(crafted)
+    direct = sum(len(zstandard.ZstdCompressor(level=3).compress(np.asarray(t.data).tobytes())) for t in reader.tensors)
+    elements = sum(int(t.n_elements) for t in reader.tensors)
+    assert s["zstd_sampled"] == 1.0
+    assert abs(s["zstd_bpw"] - 8 * direct / elements) <= 8 * 8 * len(reader.tensors) / elements  # frame headers
+    # the key follows the tensors' bytes, not descriptive metadata
+    renamed = write_gguf(tmp_path / "renamed.gguf", [
+        ("blk.0.attn_q.weight", q4_0_bytes([ROW0, ROW1]), T.Q4_0),
+        ("blk.0.ffn_up.weight", q8_0_bytes([Q8ROW]), T.Q8_0),
+        ("output_norm.weight", np.ones(32, dtype=np.float32), T.F32),
+    ])
+    assert analysis.scan(renamed)["tensor_key"] == s["tensor_key"]
+    changed = write_gguf(tmp_path / "changed.gguf", [
+        ("blk.0.attn_q.weight", q4_0_bytes([ROW0, ROW1]), T.Q4_0),
+        ("blk.0.ffn_up.weight", q8_0_bytes([Q8ROW[:-1] + [4]]), T.Q8_0),
+        ("output_norm.weight", np.ones(32, dtype=np.float32), T.F32),
+    ])
+    assert analysis.scan(changed)["tensor_key"] != s["tensor_key"]
+
+
+def test_sampled_zstd_estimates_the_full_measure(q, demo_base):
+    """Above the budget, zstd is measured on evenly spaced segments: close to the full figure."""
+    for model in (demo_base, q("r2-t2", "Q4_0", pablo=True, radius=2, threads=2)[0]):
+        full = analysis.scan(model, budget=1 << 40)
+        part = analysis.scan(model, budget=8 << 20)
+        assert full["zstd_sampled"] == 1.0 and part["zstd_sampled"] < 0.9
+        assert part["tensor_key"] == full["tensor_key"]
+        assert part["zstd_bpw"] == pytest.approx(full["zstd_bpw"], rel=5e-3), model.name
 
 
 def test_damage_by_hand(tmp_path):
@@ -106,18 +139,24 @@ def test_damage_by_hand(tmp_path):
     assert row["rel_rmse"] == pytest.approx(math.sqrt(2 / 70)) and d["model_rel_rmse"] == row["rel_rmse"]
 
 
-def test_python_counts_agree_with_the_hooks_on_the_demo(q):
+def test_coded_sizes_from_the_hooks_equal_a_recount_from_the_file(q):
+    from orchestrator import paths
+    from orchestrator.hooks import conf
+    table = conf.load_table(paths.conf_dir() / "tables" / "balanced.table")
     for name, qtype, kw in (("r2-t2", "Q4_0", {"pablo": True, "radius": 2, "threads": 2}),
-                            ("simple-hist-Q8_0", "Q8_0", {})):
+                            ("r3", "Q4_0", {"pablo": True, "radius": 3}),
+                            ("simple-hist-Q8_0", "Q8_0", {}),
+                            ("bal-t2", "Q8_0", {"pablo": True, "table": table, "threads": 2})):
         model, hist = q(name, qtype, **kw)
         doc = json.loads(hist.read_text())
-        by_name = {e["name"]: e for e in doc["tensors"]}
-        for t in analysis.hooked_tensors(analysis.open_model(model)):
-            counts, _ = stats.value_counts(t)
-            assert counts.tolist() == by_name[t.name]["values"], t.name
-        c = stats.compressibility(model, qtype)
-        m = doc["model"][qtype.lower()]
-        assert c["entropy_bpw"] == pytest.approx(stats.entropy_bits(np.array(m["values"])), abs=1e-12)
+        if kw.get("table") is None:
+            by_name = {e["name"]: e for e in doc["tensors"]}
+            for t in analysis.hooked_tensors(analysis.open_model(model)):
+                counts, _ = stats.value_counts(t)
+                assert counts.tolist() == by_name[t.name]["values"], t.name
+        if name == "r3":  # runs of 16 zeros and more occur, so the long-run pieces are exercised
+            assert doc["model"]["q4_0"]["long_run_pieces"] > doc["model"]["q4_0"]["zero_runs"][-1] > 0
+        assert stats.coded_sizes(doc, qtype) == stats.recount(model, qtype), name
 
 
 def test_analysis_memory_stays_bounded(q, demo_base):
@@ -126,7 +165,8 @@ def test_analysis_memory_stays_bounded(q, demo_base):
     analysis.open_model(model), analysis.open_model(demo_base)  # the readers' metadata is not what we bound
     tracemalloc.start()
     try:
-        stats.compressibility(model, "Q8_0")
+        stats.recount(model, "Q8_0")
+        analysis.scan(model)
         stats.damage(demo_base, model)
         for t in analysis.hooked_tensors(analysis.open_model(model)):
             analysis.tensor_hist(t)

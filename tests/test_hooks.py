@@ -80,7 +80,7 @@ def test_table_stores_the_level_of_each_stock_value(q, table):
 
 def _check_hist_matches_file(model, hist_json, table=None):
     doc = json.loads(Path(hist_json).read_text())
-    assert doc["schema"] == "orchestrate.pablo-hist/1"
+    assert doc["schema"] == "orchestrate.pablo-hist/2"
     codes_of = None
     if table is not None:
         codes_of = np.zeros(256, dtype=np.int64)
@@ -99,14 +99,17 @@ def _check_hist_matches_file(model, hist_json, table=None):
         h = analysis.tensor_hist(t, codes_of if t.tensor_type == analysis.Q8_0 else None)
         assert e["values"] == h.values.tolist(), t.name
         assert e["zero_runs"] == h.zero_runs.tolist(), t.name
+        assert e["long_run_pieces"] == h.long_run_pieces, t.name
         assert e["elements"] == t.n_elements and e["bin_min"] == h.bin_min
-        tot = totals.setdefault(e["type"], [0, 0])
+        tot = totals.setdefault(e["type"], [0, 0, 0])
         tot[0] = tot[0] + h.values
         tot[1] = tot[1] + h.zero_runs
+        tot[2] += h.long_run_pieces
     assert set(doc["model"]) == set(totals)
-    for typ, (values, runs) in totals.items():
+    for typ, (values, runs, pieces) in totals.items():
         assert doc["model"][typ]["values"] == values.tolist()
         assert doc["model"][typ]["zero_runs"] == runs.tolist()
+        assert doc["model"][typ]["long_run_pieces"] == pieces
     return doc
 
 

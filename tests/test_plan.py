@@ -34,9 +34,24 @@ def test_plan_runs_nothing_and_its_estimates_hold(fork, demo_base, tmp_path):
     assert actual <= estimate <= 1.3 * actual, (estimate, actual)
     again = orchestrate("sweep", *TINY, "--plan", "--out", tmp_path / "out", env=env)
     assert "2 variants, 0 to run" in again.stdout and again.stdout.count("cached") == 2
-    assert "perplexity timed from 2 earlier runs here, quantize from 1 earlier runs" in again.stdout
+    assert "perplexity timed from 2 earlier runs here on models of about this size, quantize from 1 earlier runs" \
+        in again.stdout
     more = orchestrate("sweep", *TINY, "--types", "Q8_0,Q4_0", "--plan", "--out", tmp_path / "out", env=env)
     assert re.search(r"q4_0\s+to run\s+quantize ~", more.stdout) and re.search(r"q8_0\s+cached", more.stdout)
+
+
+def test_perplexity_rates_come_from_models_of_about_the_same_size():
+    from orchestrator.study.plan import History, estimate
+    small, big = 135e6, 6.7e9
+    hist = History({}, {}, {"F16": [(small, 0.010), (big, 0.040)], "Q4_0": [(small, 0.020), (big, 0.030)]})
+    tokens = 1000
+    assert estimate("Q4_0", 1.0, tokens, 7e9, hist, None)[1] == pytest.approx(0.030 * tokens * 7)
+    assert estimate(None, 1.0, tokens, 100e6, hist, None)[1] == pytest.approx(0.010 * tokens * 0.1)
+    # a 70B model: no run near its size; the base's calibration, scaled by the type's ratio to F16
+    ratio = 0.025 / 0.025  # medians over all sizes: Q4_0 (0.020, 0.030), F16 (0.010, 0.040)
+    assert estimate("Q4_0", 1.0, tokens, 70e9, hist, 0.05)[1] == pytest.approx(0.05 * ratio * tokens * 70)
+    only_small = History({}, {}, {"F16": [(small, 0.010)], "Q4_0": [(small, 0.020)]})
+    assert estimate("Q4_0", 1.0, tokens, 7e9, only_small, 0.04)[1] == pytest.approx(0.04 * 2 * tokens * 7)
 
 
 def test_a_sweep_that_will_not_fit_refuses_to_start(fork, demo_base, tmp_path):

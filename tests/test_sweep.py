@@ -123,7 +123,7 @@ def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path):
     deadline = time.monotonic() + 300
     # kill -9 in the middle of a variant: once the third variant is busy quantizing or scoring
     while time.monotonic() < deadline and proc.poll() is None:
-        busy = [d for d in runs.glob("q8_0-*") if any(d.glob(".quantize-*")) or (d / "tensors.json").exists()]
+        busy = [d for d in runs.glob("q8_0-*") if any(d.glob(".quantize-*")) or (d / "analysis.json").exists()]
         if busy and not (busy[0] / "result.json").exists():
             break
         time.sleep(0.02)

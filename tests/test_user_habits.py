@@ -154,13 +154,13 @@ def _with_fault(code: str, *args, cwd, env=None):
 
 def test_a_fault_inside_a_variant_fails_that_variant_only(home):
     code = """
-import orchestrator.study.stats as s
-real = s.compressibility
-def boom(path, main):
+import orchestrator.study.analysis as a
+real = a.scan
+def boom(path, *args):
     if "/q6_k-" in str(path):  # the q6_k variant's run directory
         raise RuntimeError("injected fault")
-    return real(path, main)
-s.compressibility = boom
+    return real(path, *args)
+a.scan = boom
 """
     res = _with_fault(code, "sweep", "--model", "my-model-f16.gguf", "--text", "notes.txt", "--types", "Q4_0,Q6_K",
                       "--radius", "none", "--tables", "none", "--out", "sweeps/fault", *SMALL, *FRESH, cwd=home)
@@ -224,7 +224,7 @@ def test_a_model_is_unmapped_before_it_is_deleted(home, tmp_path):
     from orchestrator.study import analysis, stats
     model = tmp_path / "m.gguf"
     shutil.copy(home / "small-q4_1.gguf", model)
-    stats.compressibility(model, "Q4_1")
+    stats.recount(model, "Q4_1")
     maps = lambda: Path("/proc/self/maps").read_text()  # noqa: E731
     assert str(model) in maps()
     analysis.release(model)

@@ -14,8 +14,18 @@ from . import plots
 # results.csv: one row per variant (documented in README.md)
 CSV_COLUMNS = ["name", "kind", "type", "mode", "radius", "table", "status", "ppl", "ppl_err", "kld", "kld_err",
                "same_top", "same_top_err", "rms_dp", "file_bytes", "bpw", "zero_fraction", "isolated_zero_share",
-               "entropy_bpw", "rle_bpw", "zstd_bpw", "weight_rel_rmse", "table_file", "quantize_seconds",
+               "entropy_bpw", "rle_bpw", "zstd_bpw", "zstd_sampled", "weight_rel_rmse", "table_file", "quantize_seconds",
                "perplexity_seconds", "analysis_seconds", "scored_for", "tensor_key", "reason", "log", "run_dir"]
+
+
+def _zstd_how(rows: list[dict]) -> str:
+    """How the zstd sizes were measured: on all the data, or on samples of it (which share)."""
+    shares = [r["zstd_sampled"] for r in rows if r.get("zstd_sampled") is not None and r["zstd_sampled"] < 1]
+    if not shares:
+        return "measured on all of it"
+    return (f"estimated from evenly spaced 1 MiB segments of every tensor ({100 * min(shares):.2g}–"
+            f"{100 * max(shares):.2g}% of the data, depending on the variant) where a model has more than "
+            "256 MiB of tensor data, measured on all of it otherwise")
 
 
 def write_csv(doc: dict, path: Path) -> None:
@@ -99,7 +109,7 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
               "scores the same tokens, so their errors are strongly correlated; the paired comparisons below "
               "tell variants apart.", "",
               "*bits/weight*: tensor data as stored; *zstd bits/weight*: the same bytes compressed with zstd "
-              "(level 3), measured; *value entropy*: Shannon entropy of the stored values of the variant's main "
+              f"(level 3, each tensor on its own), {_zstd_how(rows)}; *value entropy*: Shannon entropy of the stored values of the variant's main "
               "type, in bits per weight (scales not included); *weight error*: RMSE of all weights against the "
               "base, relative to the base's RMS; *zeros*: share of the main type's values stored as 0; "
               "*isolated zeros*: share of those zeros with no zero neighbour in their row (runs of length 1).", ""]

@@ -7,14 +7,19 @@ j+1, ...): in a Q4_0 block, element j is the low nibble of byte j and element j+
 high nibble.
 """
 
+import functools
 import gc
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
+import zstandard
 
+from .. import stream
 from ..errors import OrchestrateError
 
 RUN_BINS = 16
@@ -135,10 +140,11 @@ def run_lengths(vals: np.ndarray, row_len: int) -> np.ndarray:
     return np.flatnonzero(d == -1) - np.flatnonzero(d == 1)
 
 
-def zero_runs(vals: np.ndarray, row_len: int) -> np.ndarray:
-    """Counts of runs of 1..15 and >=16 consecutive zeros, restarting at every row."""
-    lengths = run_lengths(vals, row_len)
-    return np.bincount(np.minimum(lengths, RUN_BINS) - 1, minlength=RUN_BINS)[:RUN_BINS]
+def zero_runs(lengths: np.ndarray) -> tuple[np.ndarray, int]:
+    """(counts of runs of 1..15 and >=16 zeros, pieces of at most 16 the long runs make) of run lengths."""
+    long = lengths[lengths >= RUN_BINS]
+    return (np.bincount(np.minimum(lengths, RUN_BINS) - 1, minlength=RUN_BINS)[:RUN_BINS],
+            int(((long + RUN_BINS - 1) // RUN_BINS).sum()))
 
 
 @dataclass
@@ -146,6 +152,7 @@ class Hist:
     values: np.ndarray      # counts per bin
     zero_runs: np.ndarray   # runs of 1..15, >=16
     bin_min: int
+    long_run_pieces: int    # the runs of >=16 cut into pieces of at most 16: how many pieces
 
     @property
     def elements(self) -> int:
@@ -161,13 +168,15 @@ def tensor_hist(t, codes_of=None) -> Hist:
     nbins, bin_min = (256, -128) if plain_q8 else (16, -8)
     values = np.zeros(nbins, dtype=np.int64)
     runs = np.zeros(RUN_BINS, dtype=np.int64)
+    pieces = 0
     for _, vals in slabs(t):
         idx = vals.astype(np.int16).reshape(-1) - bin_min
         if codes_of is not None:
             idx = codes_of[vals.astype(np.int16).reshape(-1) + 128]
         values += np.bincount(idx, minlength=nbins)
-        runs += zero_runs(vals, row_length(t))
-    return Hist(values, runs, bin_min)
+        r, p = zero_runs(run_lengths(vals, row_length(t)))
+        runs, pieces = runs + r, pieces + p
+    return Hist(values, runs, bin_min, pieces)
 
 
 def model_stats(path: Path) -> dict:
@@ -186,30 +195,68 @@ def model_stats(path: Path) -> dict:
 
 
 DESCRIPTIVE_KEYS = ("GGUF.", "general.", "quantize.")  # counts, names, file type, imatrix notes
+ZSTD_LEVEL = 3
+SCAN_FORMAT = 1  # bump when what scan() measures changes (its results are kept per base)
+ZSTD_BUDGET = 256 << 20  # bytes of tensor data compressed to measure zstd: all of them below this
+SEGMENT = 1 << 20        # above it, evenly spaced segments of this size from every tensor
 
 
-def tensor_key(path: Path) -> str:
-    """sha256 of what a model computes with: every tensor's name, type, shape and data bytes, and
-    the metadata other than descriptive keys. Two files with the same key score the same (stock
-    Q4_0 and radius 0 do). The data are read with plain reads, not through the memory map, so
-    hashing a large model leaves nothing mapped."""
+def _segments(n: int, fraction: float) -> list[tuple[int, int]]:
+    """The [start, end) byte ranges of a tensor of n bytes that are compressed: all of it, or
+    round(n * fraction / SEGMENT) segments (at least one) spread evenly over it."""
+    if fraction >= 1 or n <= SEGMENT:
+        return [(0, n)]
+    k = min(n // SEGMENT, max(1, round(n * fraction / SEGMENT)))
+    return [(i * n // k, i * n // k + SEGMENT) for i in range(k)]
+
+
+def _scan_tensor(path: Path, fraction: float, offset: int, n: int) -> tuple[bytes, int, int]:
+    """(sha256 of the tensor's bytes, bytes compressed, their zstd size), in one read."""
+    h = hashlib.sha256()
+    comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+    segs = _segments(n, fraction)
+    pos = sampled = zbytes = 0
+    try:
+        for block in stream.read_span(path, offset, n):
+            h.update(block)
+            for a, b in segs:
+                lo, hi = max(a, pos), min(b, pos + len(block))
+                if lo < hi:
+                    zbytes += len(comp.compress(block[lo - pos:hi - pos]))
+                    sampled += hi - lo
+            pos += len(block)
+    except EOFError as e:
+        raise OrchestrateError(str(e)) from None
+    return h.digest(), sampled, zbytes + len(comp.flush())
+
+
+def scan(path: Path, budget: int = ZSTD_BUDGET) -> dict:
+    """One read of a model's tensor data, in parallel over tensors, for:
+
+    - tensor_key: sha256 of what the model computes with: every tensor's name, type, shape and data
+      bytes, and the metadata other than descriptive keys. Two files with the same key score the
+      same (stock Q4_0 and radius 0 do).
+    - zstd_bpw: the data's zstd (level 3) size in bits per weight, each tensor compressed on its
+      own. Above `budget` bytes it is estimated from evenly spaced segments of every tensor
+      (zstd_sampled: the fraction compressed), scaled by each tensor's size.
+    """
     reader = open_model(path)
     h = hashlib.sha256()
     for name, field in reader.fields.items():
         if name == "general.architecture" or not name.startswith(DESCRIPTIVE_KEYS):
             for part in field.parts:
                 h.update(np.ascontiguousarray(part).view(np.uint8).tobytes())
-    spans = []
-    for t in reader.tensors:
-        h.update(f"{t.name}\0{t.tensor_type.name}\0{list(map(int, t.shape))}\0".encode())
-        spans.append((int(t.data_offset), int(t.n_bytes)))
-    with open(path, "rb") as f:
-        for offset, n in spans:
-            f.seek(offset)
-            while n:
-                block = f.read(min(n, 1 << 24))
-                if not block:
-                    raise OrchestrateError(f"{path} is truncated (a tensor ends past the end of the file)")
-                h.update(block)
-                n -= len(block)
-    return h.hexdigest()
+    tensors = reader.tensors
+    total = sum(int(t.n_bytes) for t in tensors)
+    fraction = min(1.0, budget / total) if total else 1.0
+    work = functools.partial(_scan_tensor, path, fraction)
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # hashlib and zstd release the GIL
+        parts = list(pool.map(work, [int(t.data_offset) for t in tensors], [int(t.n_bytes) for t in tensors]))
+    estimate = sampled = 0.0
+    for t, (digest, took, zbytes) in zip(tensors, parts):
+        h.update(f"{t.name}\0{t.tensor_type.name}\0{list(map(int, t.shape))}\0".encode() + digest)
+        sampled += took
+        estimate += zbytes * int(t.n_bytes) / took if took else 0
+    elements = sum(int(t.n_elements) for t in tensors)
+    return {"tensor_key": h.hexdigest(), "zstd_bpw": 8 * estimate / elements if elements else None,
+            "zstd_sampled": sampled / total if total else 1.0}

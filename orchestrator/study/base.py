@@ -60,6 +60,18 @@ def describe(path: Path, sha256: str) -> tuple[tuple[str, ...], str | None]:
     return types, ftype
 
 
+def scanned(base: Base) -> dict:
+    """analysis.scan of a base (its tensor key and zstd size), once per content."""
+    memo = paths.cache_dir() / "model-scans" / f"{base.sha256}-{analysis.SCAN_FORMAT}.json"
+    try:
+        return read_json(memo)
+    except (OSError, ValueError):
+        pass
+    data = analysis.scan(base.path)
+    write_json(memo, data)
+    return data
+
+
 def upcast_path(model: Path, sha: str) -> Path:
     """Where the F16 upcast of a quantized model is kept."""
     return paths.cache_dir() / "bases" / f"{sha[:16]}-{Path(model).stem}-F16.gguf"

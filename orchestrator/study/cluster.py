@@ -25,11 +25,12 @@ from .. import paths
 from ..errors import OrchestrateError
 from ..files import read_text, write_atomic, write_json
 from . import sweep
+from .base import scanned
 from .experiment import Variant
 
 INSTALL = "pip install -e '.[ray]'"
 RETRIES = 2  # re-runs of a variant whose worker process or node died
-RUN_FILES = ("quantize.json", "quantize.log", "hist.json", "analysis.json", "tensors.json")
+RUN_FILES = ("quantize.json", "quantize.log", "hist.json", "analysis.json")
 SCORE_FILES = ("perplexity.json", "perplexity.log", "scores.bin")
 
 
@@ -221,8 +222,7 @@ def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, 
     problem = ray.get(ray.remote(check_node).options(num_cpus=0).remote(inp, variants))
     if problem:
         raise OrchestrateError(problem)
-    from .analysis import tensor_key
-    kld_tensors = tensor_key(inp.base.path) if inp.kld else None
+    kld_tensors = scanned(inp.base)["tensor_key"] if inp.kld else None
     board = ray.remote(Board).options(num_cpus=0).remote()
     task = ray.remote(run_task).options(num_cpus=inp.threads, num_gpus=1 if inp.fork.gpu else 0,
                                         max_retries=RETRIES, retry_exceptions=False)

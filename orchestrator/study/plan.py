@@ -6,9 +6,11 @@ the base's logits with --kld, and the small artifacts, against the free space wh
 is. Sizes of quantized models come from earlier runs of the same type on this machine (the
 ratio of output to input size), else from the type's bits per weight. Time: from this
 machine's earlier runs in the cache (quantize: MiB of input per second; perplexity: seconds per
-token and billion parameters), else from a one-chunk calibration run of the base.
+token and billion parameters, from runs on models within a factor NEAR of this one's size: the
+rate per parameter changes with size), else from a one-chunk calibration run of the base.
 """
 
+import math
 import shutil
 import statistics
 import struct
@@ -28,6 +30,7 @@ from .cache import human
 MARGIN = 1.10           # sizes are estimates: ask for 10% more
 ARTIFACTS = 2 << 20     # histograms, analysis, scores, logs per variant (bytes, generous)
 CHARS_PER_TOKEN = 4     # to estimate the chunks of a whole text (--chunks 0)
+NEAR = 2.0              # perplexity rates are taken from models within this factor of the model's size
 
 
 @dataclass
@@ -64,7 +67,7 @@ class History:
     """This machine's earlier runs, from the cache."""
     size: dict          # qtype -> [output MiB / input MiB]
     quantize: dict      # qtype -> [input MiB per second]
-    perplexity: dict    # model file type as llama names it (Q4_0, F16, ...) -> [seconds per token per 1e9 parameters]
+    perplexity: dict    # model file type as llama names it (Q4_0, F16, ...) -> [(parameters, seconds per token per 1e9)]
 
 
 def history(cache: Path) -> History:
@@ -86,7 +89,7 @@ def history(cache: Path) -> History:
             n_chunk, n_ctx, params, desc = f[3], f[4], f[9], f[11].rstrip(b"\0").decode("utf-8", "replace")
             if seconds > 0 and params > 0:
                 ftype = desc.split(" ", 2)[-1]  # "llama 7B Q4_0" -> "Q4_0"
-                h.perplexity.setdefault(ftype, []).append(seconds / (n_chunk * n_ctx * params / 1e9))
+                h.perplexity.setdefault(ftype, []).append((params, seconds / (n_chunk * n_ctx * params / 1e9)))
         except (OSError, ValueError, KeyError, struct.error):
             continue
     return h
@@ -135,15 +138,38 @@ def duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def near_rates(hist: History, params: int) -> dict[str, list[float]]:
+    """Perplexity rates (per file type) of the earlier runs on models within NEAR of params in size."""
+    near = {t: [r for p, r in xs if abs(math.log(p / params)) <= math.log(NEAR)] for t, xs in hist.perplexity.items()}
+    return {t: rs for t, rs in near.items() if rs}
+
+
+def _type_factor(hist: History, ftype: str) -> float:
+    """How much slower per parameter than F16 a file type scored in the earlier runs (1 when unknown)."""
+    own, f16 = hist.perplexity.get(ftype), hist.perplexity.get("F16")
+    if not own or not f16:
+        return 1.0
+    return statistics.median(r for _, r in own) / statistics.median(r for _, r in f16)
+
+
 def estimate(qtype: str | None, base_mib: float, tokens: int, params: int, hist: History,
              calibrated: float | None) -> tuple[float | None, float | None]:
-    """(quantize seconds, perplexity seconds) of one variant (qtype None: the base, not quantized)."""
+    """(quantize seconds, perplexity seconds) of one variant (qtype None: the base, not quantized).
+    calibrated: the base's measured rate, used (scaled by the type's earlier ratio to F16) when no
+    earlier run was on a model of about this size."""
     q = 0.0
     if qtype:
         speeds = hist.quantize.get(qtype) or [x for xs in hist.quantize.values() for x in xs]
         q = base_mib / statistics.median(speeds) if speeds else None
-    rates = hist.perplexity.get(qtype or "F16") or [x for xs in hist.perplexity.values() for x in xs]
-    rate = statistics.median(rates) if rates else calibrated
+    ftype = qtype or "F16"
+    near = near_rates(hist, params)
+    rates = near.get(ftype) or [x for xs in near.values() for x in xs]
+    if rates:
+        rate = statistics.median(rates)
+    elif calibrated:
+        rate = calibrated * _type_factor(hist, ftype)
+    else:  # only runs on models of another size: better than nothing
+        rate = statistics.median([r for xs in hist.perplexity.values() for _, r in xs] or [0]) or None
     return q, (rate * tokens * params / 1e9 if rate else None)
 
 

@@ -1,5 +1,6 @@
-"""Measurements of a quantized model: compressibility of its stored values, weight error
-against its base, and the zero statistics of the hooks' histograms.
+"""Measurements of a quantized model: the coded size of its stored values, weight error against
+its base, and the zero statistics, from the hooks' histograms and sums (with the recounts from the
+file that check them).
 
 Works for any llama-quantize type: what needs Q4_0/Q8_0 blocks (value entropy, zero runs)
 is measured for those and None (not applicable) otherwise; weight error is measured for
@@ -11,11 +12,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .analysis import (BLOCK, Q4_0, SLAB_ELEMENTS, blocks, decode, is_matrix, open_model, row_length,
+from .analysis import (BLOCK, Q4_0, RUN_BINS, SLAB_ELEMENTS, blocks, decode, is_matrix, open_model, row_length,
                        run_lengths, slabs)
 
-ZSTD_LEVEL = 3
-RUN_TOKEN_MAX = 16  # the simple zero-run-length code: runs of 1..16 per token
+RUN_TOKEN_MAX = RUN_BINS  # the simple zero-run-length code: runs of 1..16 per token (the hooks' long-run pieces)
 
 
 def value_counts(t) -> tuple[np.ndarray, int]:
@@ -61,31 +61,34 @@ def rle_bits(t) -> int:
     return literal * (1 + width) + run_tokens * (1 + 4)
 
 
-def compressibility(path: Path, main_type: str | None) -> dict:
-    """The zstd-compressed size of all tensor data, and (for a Q4_0/Q8_0 main type) the entropy
-    and run-length size of the main type's stored values, in bits per weight."""
-    import zstandard
-    reader = open_model(path)
+def coded_sizes(hist: dict, main_type: str | None) -> dict:
+    """Entropy and run-length size (bits per weight) of the main type's stored values, from the
+    hooks' histograms; None where the hooks did not count that type (stored values are what they
+    count: table codes map one to one to stored levels, so the entropy is the same)."""
+    m = hist.get("model", {}).get((main_type or "").lower())
+    if not m or not m["elements"]:
+        return {"entropy_bpw": None, "rle_bpw": None}
+    n, zeros = m["elements"], _zeros(hist, m)
+    width = 4 if main_type.upper() == "Q4_0" else 8
+    tokens = sum(m["zero_runs"][:-1]) + m["long_run_pieces"]  # one per run of 1..15, one per piece of the rest
+    return {"entropy_bpw": entropy_bits(np.array(m["values"])),
+            "rle_bpw": ((n - zeros) * (1 + width) + tokens * (1 + 4)) / n}
+
+
+def recount(path: Path, main_type: str | None) -> dict:
+    """coded_sizes, counted again from the file by this module: the independent check of the
+    hooks (tests and bench/), a pass over every stored value."""
     main = gguf.GGMLQuantizationType[main_type] if main_type in gguf.GGMLQuantizationType.__members__ else None
-    counts, bin_min, rle, n_main = None, 0, 0, 0
-    comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
-    zbytes = elements = 0
-    for t in reader.tensors:
-        elements += int(t.n_elements)
-        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-        step = 1 << 24
-        for start in range(0, raw.size, step):
-            zbytes += len(comp.compress(raw[start:start + step]))
+    counts, rle, n_main = None, 0, 0
+    for t in open_model(path).tensors:
         if t.tensor_type == main and main in BLOCK:
-            c, bin_min = value_counts(t)
+            c, _ = value_counts(t)
             counts = c if counts is None else counts + c
             rle += rle_bits(t)
             n_main += int(t.n_elements)
-    zbytes += len(comp.flush())
-    out = {"zstd_bpw": 8 * zbytes / elements if elements else None, "entropy_bpw": None, "rle_bpw": None}
-    if counts is not None:
-        out.update(entropy_bpw=entropy_bits(counts), rle_bpw=rle / n_main)
-    return out
+    if counts is None:
+        return {"entropy_bpw": None, "rle_bpw": None}
+    return {"entropy_bpw": entropy_bits(counts), "rle_bpw": rle / n_main}
 
 
 # ---- where the damage is ---------------------------------------------------------------
@@ -168,10 +171,14 @@ def zero_stats(hist: dict, main_type: str | None) -> tuple[float | None, float |
     m = hist.get("model", {}).get((main_type or "").lower())
     if not m or not m["elements"]:
         return None, None
-    if m["bins"] == "value":
-        zeros = m["values"][-m["bin_min"]]
-    else:  # table codes: the code whose level is 0
-        levels = hist["config"]["table"]["level"]
-        zeros = m["values"][levels.index(0)] if 0 in levels else 0
+    zeros = _zeros(hist, m)
     isolated = m["zero_runs"][0] / zeros if zeros else None
     return zeros / m["elements"], isolated
+
+
+def _zeros(hist: dict, m: dict) -> int:
+    """Stored zeros in one of the hooks' histograms (table codes: the code whose level is 0)."""
+    if m["bins"] == "value":
+        return m["values"][-m["bin_min"]]
+    levels = hist["config"]["table"]["level"]
+    return m["values"][levels.index(0)] if 0 in levels else 0

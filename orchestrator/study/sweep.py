@@ -31,11 +31,11 @@ from ..hooks.quantize import run_quantize
 from ..parse import parse_perplexity
 from ..proc import Progress, clean_env, failure_reason, run_logged
 from . import analysis, cache, paired, plan, scores, stats
-from .base import Base
+from .base import Base, scanned
 from .experiment import Experiment, Variant
 
 ALL_LAYERS = 999  # -ngl for "every layer on the GPU"
-RUN_FORMAT = 7  # bump when a run or score directory's contents change, so older ones are not reused
+RUN_FORMAT = 8  # bump when a run or score directory's contents change, so older ones are not reused
 
 
 @dataclass(frozen=True)
@@ -210,24 +210,21 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | 
             if _scored(Path(result["score_dir"]), base_logits):
                 return result
         _clear_leftovers(run)
-        qjson, ajson, tjson = run / "quantize.json", run / "analysis.json", run / "tensors.json"
-        tensors = read_json(tjson)["sha256"] if tjson.exists() else None
+        qjson, ajson = run / "quantize.json", run / "analysis.json"
+        a = read_json(ajson) if ajson.exists() else None
         kld_tensors = kld_base.tensors if kld_base else None
-        sdir = score_dir(inp, tensors, kld_tensors) if tensors else None
-        needs_model = not ajson.exists() or sdir is None or not _scored(sdir, base_logits)
+        needs_model = a is None or not _scored(score_dir(inp, a["tensor_key"], kld_tensors), base_logits)
         if v.kind != "base" and (not qjson.exists() or (needs_model and not model.exists())):
             step(v, "quantize")
             write_json(qjson, _quantize_step(inp, v, run))
-        if tensors is None:
-            tensors = analysis.tensor_key(model)
-            write_json(tjson, {"sha256": tensors})
-            sdir = score_dir(inp, tensors, kld_tensors)
-        if not ajson.exists():
+        if a is None:
             step(v, "analyse")
-            write_json(ajson, analyse(inp, v, model))
+            a = analyse(inp, v, model)
+            write_json(ajson, a)
+        sdir = score_dir(inp, a["tensor_key"], kld_tensors)
         p = scored(inp, v, model, sdir, kld_base, step)
-        result = assemble(inp, v, run, read_json(qjson) if v.kind != "base" else None, p, read_json(ajson))
-        result.update(tensor_key=tensors, score_dir=str(sdir), scores_file=str(sdir / "scores.bin"))
+        result = assemble(inp, v, run, read_json(qjson) if v.kind != "base" else None, p, a)
+        result.update(tensor_key=a["tensor_key"], score_dir=str(sdir), scores_file=str(sdir / "scores.bin"))
         write_json(result_path, result)
         return result
     finally:
@@ -238,13 +235,17 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | 
 
 
 def analyse(inp: Inputs, v: Variant, model: Path) -> dict:
-    """Compressibility measured from the file, and the damage to each tensor against the base."""
+    """The model's tensor key and zstd size (one read of the file); the coded sizes of its values and
+    the damage to each tensor, from what the hooks measured while quantizing."""
     t0 = time.monotonic()
     try:
         out = analysis.model_stats(model)
-        out.update(stats.compressibility(model, out["main_type"]))
-        hooks = None if v.kind == "base" else read_json(model.parent / "hist.json")
-        out["damage"] = None if v.kind == "base" else stats.damage(inp.base.path, model, hooks)
+        if v.kind == "base":
+            out.update(scanned(inp.base), entropy_bpw=None, rle_bpw=None, damage=None)
+        else:
+            hooks = read_json(model.parent / "hist.json")
+            out.update(analysis.scan(model), **stats.coded_sizes(hooks, out["main_type"]))
+            out["damage"] = stats.damage(inp.base.path, model, hooks)
     except OrchestrateError as e:
         raise StepError(f"analysis of {model.name} failed: {e}", model) from None
     out["seconds"] = time.monotonic() - t0
@@ -265,7 +266,7 @@ def assemble(inp: Inputs, v: Variant, run: Path, q: dict | None, p: dict, a: dic
     if q:
         row["zero_fraction"], row["isolated_zero_share"] = stats.zero_stats(read_json(run / "hist.json"),
                                                                              a.get("main_type"))
-    row.update(entropy_bpw=a["entropy_bpw"], rle_bpw=a["rle_bpw"], zstd_bpw=a["zstd_bpw"],
+    row.update(entropy_bpw=a["entropy_bpw"], rle_bpw=a["rle_bpw"], zstd_bpw=a["zstd_bpw"], zstd_sampled=a["zstd_sampled"],
                weight_rel_rmse=a["damage"]["model_rel_rmse"] if a["damage"] else None)
     row.update(quantize_seconds=q["seconds"] if q else 0.0, perplexity_seconds=p["seconds"],
                analysis_seconds=a.get("seconds"),
@@ -522,9 +523,10 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool
         variants = [replace(v, table=fit(v.fit, fitted_from)) if v.fit else v for v in variants]
     states = {v.name: "cached" if finished_row(inp, v) else "to run" for v in variants}
     hist = plan.history(inp.cache)
-    calibrated = None
-    if not hist.perplexity and not upcast:
-        print("note: no earlier runs to time by: one chunk of the base is run to calibrate", flush=True)
+    calibrated, near = None, plan.near_rates(hist, params)
+    if not near and not upcast:
+        print("note: no earlier runs on a model of this size to time by: one chunk of the base is run to calibrate",
+              flush=True)
         calibrated = plan.calibrate(fork, base.path, inp.text, inp.ctx, inp.threads, inp.llama_env)
     base_bytes = upcast or base.path.stat().st_size
     tokens = _chunks(inp) * inp.ctx
@@ -537,7 +539,9 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool
                           _logits_bytes(inp, model) if states["base"] != "cached" else 0, upcast, hist)
     header = (f"plan: {exp.name} on {model.name}: {len(variants)} variants, {len(todo)} to run; {inp.text.name}, "
               f"-c {inp.ctx}, {inp.chunks or f'all (about {_chunks(inp)})'} chunks, {inp.threads} threads")
-    source = (f"perplexity timed from {sum(map(len, hist.perplexity.values()))} earlier runs here" if hist.perplexity else
-              "perplexity timed by a one-chunk calibration" if calibrated else "no perplexity timing yet")
+    source = (f"perplexity timed from {sum(map(len, near.values()))} earlier runs here on models of about this size"
+              if near else "perplexity timed by a one-chunk calibration of the base" if calibrated else
+              "perplexity timed from earlier runs on models of another size (rough)" if hist.perplexity else
+              "no perplexity timing yet")
     source += f", quantize from {sum(map(len, hist.quantize.values()))} earlier runs"
     return plan.render(header, rows, need, keep_models, inp.cache, source)
