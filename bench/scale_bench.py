@@ -4,21 +4,26 @@ Makes, once, a synthetic F16 GGUF with the shapes of Llama-2-7B (llama architect
 4096 hidden, 11008 FFN, 32000 vocabulary; random weights, written tensor by tensor with the gguf
 package's writer: 13.5 GB, cached under <cache>/bench), and prints, measured in this run:
 
-- llama-quantize with the hooks measuring (histograms + error sums) / hooks off, Q4_0 and Q8_0
-  (target <= 1.03);
+- llama-quantize with the hooks measuring (histograms + error sums) / hooks off, Q4_0 and Q8_0,
+  PAIRS alternating pairs each (target <= 1.03);
 - the Python work per variant in a one-chunk sweep of the model (analysis + bookkeeping: the
   sweep's wall time outside llama-* processes) / llama-quantize's wall time (target <= 0.10);
-- the peak anonymous memory of that sweep's orchestrate process (target <= 1 GiB);
+- the peak anonymous memory of that sweep's orchestrate process (target <= 1 GiB), and the peak of
+  the file pages it had mapped;
 - llama-perplexity seconds per 512-token chunk (Q4_0 model), and the `--plan` estimate for a
-  default sweep's perplexity against that measured chunk.
+  default sweep's perplexity against that measured chunk, made as on a machine that never ran this
+  model (a run cache without runs: the plan calibrates on one chunk of the base);
+- then bench/sweep_bench.py: the demo sweep's overhead (time outside llama-* / total; target <= 2%).
 
-Needs about 35 GB free disk and an hour or more on 2 cores. BENCH_SKIP_SWEEP=1 skips the sweep.
+Needs about 35 GB free disk and an hour or more on 2 cores. BENCH_SKIP_SWEEP=1 skips both sweeps;
+BENCH_ONLY_HOOKS=1 stops after the llama-quantize pairs.
 """
 
 import json
 import os
 import re
-import shutil
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,23 +107,40 @@ def make_model(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def timed(cmd, env=None) -> float:
-    t0 = time.monotonic()
+def timed(cmd, env=None, cpu: list | None = None) -> float:
+    """Wall seconds of a command; its CPU seconds (user + system) appended to cpu when given."""
+    t0, r0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         sys.exit(f"{cmd[0]} failed:\n{(res.stdout + res.stderr)[-2000:]}")
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:
+        cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
     return time.monotonic() - t0
 
 
-def peak_anon_kib(pid: int, stop: threading.Event, peak: list) -> None:
-    """Poll /proc/PID/status for RssAnon (anonymous resident memory) until stop."""
+PAIRS = 3
+
+
+def peak_rss_kib(pid: int, stop: threading.Event, peak: dict) -> None:
+    """Poll /proc/PID/status for RssAnon (anonymous) and RssFile (mapped file pages) until stop."""
     while not stop.is_set():
         try:
             text = Path(f"/proc/{pid}/status").read_text()
-            peak[0] = max(peak[0], int(re.search(r"RssAnon:\s+(\d+)", text).group(1)))
+            for key in peak:
+                peak[key] = max(peak[key], int(re.search(key + r":\s+(\d+)", text).group(1)))
         except (OSError, AttributeError):
             pass
         time.sleep(0.2)
+
+
+def fresh_cache(where: Path) -> dict:
+    """An environment whose run cache has the downloads, demo files and known models, but no runs."""
+    where.mkdir()
+    for sub in ("downloads", "demo", "bases", "model-ids.json", "model-types", "quant-types"):
+        if (paths.cache_dir() / sub).exists():
+            (where / sub).symlink_to(paths.cache_dir() / sub)
+    return {**os.environ, "ORCHESTRATE_CACHE": str(where)}
 
 
 def main() -> None:
@@ -141,22 +163,36 @@ def main() -> None:
             while f.read(1 << 26):
                 pass
         for qtype in ("Q4_0", "Q8_0"):
-            off = timed([quantize, model, tmp / "off.gguf", qtype, threads], {**quiet})
-            on = timed([quantize, model, tmp / "on.gguf", qtype, threads], {**quiet, "PABLO_CONF": str(conf)})
-            print(f"llama-quantize {qtype}: hooks off {off:6.1f} s, histograms + error sums {on:6.1f} s: "
-                  f"ratio {on / off:.3f} (target <= 1.03)", flush=True)
-            if qtype == "Q4_0":
-                shutil.move(tmp / "off.gguf", tmp / "q4_0.gguf")
+            ratios, cpu_ratios = [], []
+            for i in range(PAIRS):  # alternating, the order swapped each time
+                runs = [("off", {**quiet}), ("on", {**quiet, "PABLO_CONF": str(conf)})]
+                secs, cpu = {}, {}
+                for k, e in (runs if i % 2 == 0 else runs[::-1]):
+                    cpu[k] = []
+                    secs[k] = timed([quantize, model, tmp / f"{k}.gguf", qtype, threads], e, cpu[k])
+                    (tmp / f"{k}.gguf").unlink()  # two 7 GB outputs would push the model out of the page cache
+                ratios.append(secs["on"] / secs["off"])
+                cpu_ratios.append(cpu["on"][0] / cpu["off"][0])
+                print(f"llama-quantize {qtype} pair {i + 1}: hooks off {secs['off']:6.1f} s ({cpu['off'][0]:.1f} s CPU), "
+                      f"histograms + error sums {secs['on']:6.1f} s ({cpu['on'][0]:.1f} s CPU): ratio {ratios[-1]:.3f} "
+                      f"(CPU {cpu_ratios[-1]:.3f})", flush=True)
+            print(f"llama-quantize {qtype}: median ratio {statistics.median(ratios):.3f} over {PAIRS} pairs "
+                  f"(target <= 1.03); CPU time {statistics.median(cpu_ratios):.3f}", flush=True)
+        if os.environ.get("BENCH_ONLY_HOOKS"):
+            return
+        timed([quantize, model, tmp / "q4_0.gguf", "Q4_0", threads], quiet)
         chunk = timed([fork.binary("llama-perplexity"), "-m", tmp / "q4_0.gguf", "-f", demo.demo_text(), "-c", "512",
                        "--chunks", "1", "-t", threads])
         print(f"llama-perplexity, Q4_0, one 512-token chunk (load included): {chunk:.1f} s", flush=True)
         plan = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "--radius", "0..3", "--model", model,
-                               "--plan"], capture_output=True, text=True)
-        m = re.search(r"q4_0\s+to run\s+quantize ~?(\S+), perplexity ~(\d+)m(\d+)s", plan.stdout)
-        if m:
-            est = int(m.group(2)) * 60 + int(m.group(3))
+                               "--plan"], capture_output=True, text=True, env=fresh_cache(tmp / "plan-cache"))
+        m = re.search(r"q4_0\s+to run\s+quantize \S+, perplexity ~(\d+)h(\d+)m", plan.stdout)
+        m2 = re.search(r"q4_0\s+to run\s+quantize \S+, perplexity ~(\d+)m(\d+)s", plan.stdout)
+        if m or m2:
+            est = int(m.group(1)) * 3600 + int(m.group(2)) * 60 if m else int(m2.group(1)) * 60 + int(m2.group(2))
+            source = plan.stdout.strip().splitlines()[-1].split("; ", 1)[-1]
             print(f"--plan: Q4_0 perplexity of a default sweep (20 chunks) ~{est} s = {est / 20:.1f} s per chunk, "
-                  f"against {chunk:.1f} s measured for one chunk", flush=True)
+                  f"against {chunk:.1f} s measured for one chunk: ratio {est / 20 / chunk:.2f} ({source})", flush=True)
         else:
             print("--plan output:\n" + plan.stdout + plan.stderr[-1000:], flush=True)
         if os.environ.get("BENCH_SKIP_SWEEP"):
@@ -165,8 +201,8 @@ def main() -> None:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", "--radius", "1", "--tables", "none",
                                  "--types", "Q4_0", "--chunks", "1", "--model", str(model), "--out", str(out)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        stop, peak = threading.Event(), [0]
-        watcher = threading.Thread(target=peak_anon_kib, args=(proc.pid, stop, peak))
+        stop, peak = threading.Event(), {"RssAnon": 0, "RssFile": 0}
+        watcher = threading.Thread(target=peak_rss_kib, args=(proc.pid, stop, peak))
         watcher.start()
         t0 = time.monotonic()
         err = proc.communicate()[1]
@@ -186,7 +222,10 @@ def main() -> None:
         per = [(r["analysis_seconds"], r["quantize_seconds"]) for r in rows if r["kind"] != "base"]
         print("analysis per quantized variant / its llama-quantize: "
               + ", ".join(f"{a:.1f} s / {q:.1f} s = {a / q:.2f}" for a, q in per) + " (target <= 0.10)", flush=True)
-        print(f"peak anonymous memory of the orchestrate process: {peak[0] / 1024:.0f} MiB (target <= 1024 MiB)")
+        print(f"peak anonymous memory of the orchestrate process: {peak['RssAnon'] / 1024:.0f} MiB (target <= 1024 MiB); "
+              f"peak of the file pages it had mapped: {peak['RssFile'] / 1024:.0f} MiB", flush=True)
+    import sweep_bench  # the demo sweep's overhead
+    sweep_bench.main()
 
 
 if __name__ == "__main__":

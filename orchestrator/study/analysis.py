@@ -2,7 +2,8 @@
 
 Owns the memory maps. Tensors are read through the gguf package's memory map, a slab of
 rows at a time, so a large model is never held in RAM; release() drops a file's map so
-that deleting the file frees its disk space at once. Value order is logical (element j,
+that deleting the file frees its disk space at once. scan(), the sweep's one pass over a
+whole file, reads with plain reads instead (stream.py), leaving nothing mapped or cached. Value order is logical (element j,
 j+1, ...): in a Q4_0 block, element j is the low nibble of byte j and element j+16 the
 high nibble.
 """

@@ -47,7 +47,8 @@ def _recount_matches(model: Path, hist_json: Path, codes_of=None) -> bool:
         for t in analysis.hooked_tensors(reader):
             h = analysis.tensor_hist(t, codes_of if t.tensor_type == analysis.Q8_0 else None)
             e = by_name.get(t.name)
-            if not e or e["values"] != h.values.tolist() or e["zero_runs"] != h.zero_runs.tolist():
+            if not e or e["values"] != h.values.tolist() or e["zero_runs"] != h.zero_runs.tolist() \
+                    or e["long_run_pieces"] != h.long_run_pieces:
                 return False
         return True
     finally:
