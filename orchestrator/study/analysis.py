@@ -3,9 +3,9 @@
 Owns the memory maps. Tensors are read through the gguf package's memory map, a slab of
 rows at a time, so a large model is never held in RAM; release() drops a file's map so
 that deleting the file frees its disk space at once. scan(), the sweep's one pass over a
-whole file, reads with plain reads instead (stream.py), leaving nothing mapped or cached. Value order is logical (element j,
-j+1, ...): in a Q4_0 block, element j is the low nibble of byte j and element j+16 the
-high nibble.
+whole file, reads with plain reads instead (stream.py), leaving nothing mapped or cached.
+Value order is logical (element j, j+1, ...): in a Q4_0 block, element j is the low nibble
+of byte j and element j+16 the high nibble.
 """
 
 import functools
@@ -220,10 +220,11 @@ def _scan_tensor(path: Path, fraction: float, offset: int, n: int) -> tuple[byte
     try:
         for block in stream.read_span(path, offset, n):
             h.update(block)
+            view = memoryview(block)  # slices without copies
             for a, b in segs:
                 lo, hi = max(a, pos), min(b, pos + len(block))
                 if lo < hi:
-                    zbytes += len(comp.compress(block[lo - pos:hi - pos]))
+                    zbytes += len(comp.compress(view[lo - pos:hi - pos]))
                     sampled += hi - lo
             pos += len(block)
     except EOFError as e:

@@ -13,7 +13,6 @@ rate per parameter changes with size), else from a one-chunk calibration run of 
 import math
 import shutil
 import statistics
-import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -84,13 +83,12 @@ def history(cache: Path) -> History:
     for p in (cache / "scores").glob("*/perplexity.json"):
         try:
             seconds = read_json(p)["seconds"]
-            head = (p.parent / "scores.bin").read_bytes()[:scores.HEADER.size]
-            f = scores.HEADER.unpack(head)
-            n_chunk, n_ctx, params, desc = f[3], f[4], f[9], f[11].rstrip(b"\0").decode("utf-8", "replace")
-            if seconds > 0 and params > 0:
-                ftype = desc.split(" ", 2)[-1]  # "llama 7B Q4_0" -> "Q4_0"
-                h.perplexity.setdefault(ftype, []).append((params, seconds / (n_chunk * n_ctx * params / 1e9)))
-        except (OSError, ValueError, KeyError, struct.error):
+            f = scores.read_header(p.parent / "scores.bin")
+            if seconds > 0 and f.n_params > 0:
+                ftype = f.model.split(" ", 2)[-1]  # "llama 7B Q4_0" -> "Q4_0"
+                h.perplexity.setdefault(ftype, []).append(
+                    (f.n_params, seconds / (f.n_chunk * f.n_ctx * f.n_params / 1e9)))
+        except (OSError, ValueError, KeyError, OrchestrateError):
             continue
     return h
 

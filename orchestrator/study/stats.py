@@ -65,8 +65,8 @@ def coded_sizes(hist: dict, main_type: str | None) -> dict:
     """Entropy and run-length size (bits per weight) of the main type's stored values, from the
     hooks' histograms; None where the hooks did not count that type (stored values are what they
     count: table codes map one to one to stored levels, so the entropy is the same)."""
-    m = hist.get("model", {}).get((main_type or "").lower())
-    if not m or not m["elements"]:
+    m = _counted(hist, main_type)
+    if m is None:
         return {"entropy_bpw": None, "rle_bpw": None}
     n, zeros = m["elements"], _zeros(hist, m)
     width = 4 if main_type.upper() == "Q4_0" else 8
@@ -168,12 +168,18 @@ def damage(base: Path, quant: Path, hooks: dict | None = None) -> dict:
 def zero_stats(hist: dict, main_type: str | None) -> tuple[float | None, float | None]:
     """(share of zero values, share of the zeros that are isolated) of the variant's main
     type, from the hooks' histograms; (None, None) where the hooks did not count that type."""
-    m = hist.get("model", {}).get((main_type or "").lower())
-    if not m or not m["elements"]:
+    m = _counted(hist, main_type)
+    if m is None:
         return None, None
     zeros = _zeros(hist, m)
     isolated = m["zero_runs"][0] / zeros if zeros else None
     return zeros / m["elements"], isolated
+
+
+def _counted(hist: dict, main_type: str | None) -> dict | None:
+    """The hooks' whole-model histogram of the main type, if they counted any of it."""
+    m = hist.get("model", {}).get((main_type or "").lower())
+    return m if m and m["elements"] else None
 
 
 def _zeros(hist: dict, m: dict) -> int:

@@ -60,15 +60,17 @@ class StepError(OrchestrateError):
         self.log = log
 
 
-def run_key(inp: Inputs, v: Variant) -> str:
-    determined_by = {
-        "format": RUN_FORMAT, "base": inp.base.sha256, "fork": inp.fork.id, "variant": v.spec(),
-        "perplexity": {"text": inp.text_id, "ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld},
-        "llama_env": inp.llama_env,
-    }
+def _key(inp: Inputs, determined_by: dict) -> str:
+    """A directory key from what determines its contents, with the sweep's perplexity settings."""
+    determined_by = {**determined_by, "format": RUN_FORMAT, "fork": inp.fork.id, "llama_env": inp.llama_env,
+                     "perplexity": {"text": inp.text_id, "ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld}}
     if inp.gpu_layers is not None:  # (absent otherwise: the keys of CPU runs stay as they were)
         determined_by["gpu_layers"] = inp.gpu_layers
     return hashlib.sha256(json.dumps(determined_by, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_key(inp: Inputs, v: Variant) -> str:
+    return _key(inp, {"base": inp.base.sha256, "variant": v.spec()})
 
 
 def run_dir(inp: Inputs, v: Variant) -> Path:
@@ -85,14 +87,7 @@ class KldBase:
 def score_dir(inp: Inputs, tensors: str, kld_base_tensors: str | None) -> Path:
     """Where a model with these tensors is scored: the same for every variant that has them.
     kld_base_tensors: the tensor key of the base whose logits a --kld variant is scored against."""
-    determined_by = {
-        "format": RUN_FORMAT, "fork": inp.fork.id, "tensors": tensors,
-        "perplexity": {"text": inp.text_id, "ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld},
-        "kld_base": kld_base_tensors, "llama_env": inp.llama_env,
-    }
-    if inp.gpu_layers is not None:
-        determined_by["gpu_layers"] = inp.gpu_layers
-    return inp.cache / "scores" / hashlib.sha256(json.dumps(determined_by, sort_keys=True).encode()).hexdigest()[:16]
+    return inp.cache / "scores" / _key(inp, {"tensors": tensors, "kld_base": kld_base_tensors})
 
 
 def _tail_reason(log: Path) -> str:
