@@ -175,3 +175,32 @@ def test_analysis_memory_stays_bounded(q, demo_base):
         tracemalloc.stop()
     bound = 64 << 20  # fixed by the slab size, whatever the model size
     assert size > 100 << 20 and peak < bound, f"peak {peak / 2**20:.0f} MiB reading a {size / 2**20:.0f} MiB file"
+
+
+def test_reader_keeps_every_field_byte_of_gguf_s_own_reader(demo_base, tmp_path):
+    """Our fast reader keeps array fields raw: the same fields at the same offsets with the same bytes
+    (so tensor keys are unchanged), the same tensors, the arrays' lengths; decoding a raw array is a
+    clear error, not a wrong answer. Also on a written file with every kind of array."""
+    w = gguf.GGUFWriter(tmp_path / "arrays.gguf", "llama")
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.5, 1.5])
+    w.add_array("t.strings", ["a", "", "ünïcode"])
+    w.add_array("t.empty", [])
+    w.add_string("t.s", "text")
+    w.add_tensor("x", np.arange(8, dtype=np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+    for path in (demo_base, tmp_path / "arrays.gguf"):
+        ours, theirs = analysis._Reader(path), gguf.GGUFReader(path)
+        assert [(f.name, f.offset) for f in ours.fields.values()] == [(f.name, f.offset) for f in theirs.fields.values()]
+        for a, b in zip(ours.fields.values(), theirs.fields.values()):
+            assert b"".join(p.tobytes() for p in a.parts) == b"".join(p.tobytes() for p in b.parts), a.name
+            if b.types[0] == gguf.GGUFValueType.ARRAY:
+                assert isinstance(a, analysis.RawArray) and analysis.array_length(a) == len(b.data)
+                with pytest.raises(analysis.OrchestrateError, match="kept raw"):
+                    a.contents()
+            else:
+                assert a.contents() == b.contents()
+        assert [(t.name, t.tensor_type, list(t.shape), t.data_offset, t.n_bytes) for t in ours.tensors] == \
+               [(t.name, t.tensor_type, list(t.shape), t.data_offset, t.n_bytes) for t in theirs.tensors]
+    assert analysis.array_length(analysis._Reader(tmp_path / "arrays.gguf").get_field("t.strings")) == 3

@@ -12,6 +12,8 @@ import functools
 import gc
 import hashlib
 import os
+import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +32,28 @@ FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 SLAB_ELEMENTS = 1 << 20  # elements decoded at a time: bounds memory whatever the model size
 
 
+class RawArray(gguf.ReaderField):
+    """An array field kept as its raw bytes: parts end with (element type, element count, payload)."""
+
+    def contents(self, index_or_slice=slice(None)):
+        raise OrchestrateError(f"{self.name}: an array field is kept raw by orchestrate's GGUF reader")
+
+
+def array_length(field) -> int:
+    return int(field.parts[-2][0])
+
+
 class _Reader(gguf.GGUFReader):
-    """gguf's reader, slicing a plain ndarray view of its memory map instead of the np.memmap
-    itself: numpy's memmap bookkeeping on each of a tokenizer's ~10^5 small fields is what
-    makes opening slow (3x faster here; same fields, same tensors, still memory-mapped).
-    Relies on GGUFReader._get (gguf is pinned <1 in pyproject.toml for this)."""
+    """gguf's reader, made fast enough to open every variant of a sweep:
+
+    - it slices a plain ndarray view of its memory map instead of the np.memmap itself (numpy's
+      memmap bookkeeping on each small field is slow);
+    - an array field (a tokenizer's 10^5 tokens, scores, merges) is one raw part, not one or two
+      numpy views per element: the field's bytes, and so the model's tensor key, are unchanged,
+      but its contents are not decoded (RawArray; array_length() gives the count).
+
+    Relies on GGUFReader._get, _get_field_parts and _push_field (gguf is pinned <1 in
+    pyproject.toml for this; tests/test_analysis.py checks the fields against gguf's own reader)."""
 
     def _get(self, offset, dtype, count=1, override_order=None):
         plain = self.__dict__.get("_plain")
@@ -43,6 +62,34 @@ class _Reader(gguf.GGUFReader):
         dt = np.dtype(dtype)
         arr = plain[offset:offset + dt.itemsize * int(count)].view(dt)[:int(count)]
         return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if raw_type != gguf.GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        itype, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        offs, n, sub = orig_offs + 12, int(count[0]), gguf.GGUFValueType(int(itype[0]))
+        scalar = self.gguf_scalar_to_np.get(sub)
+        if scalar is not None:
+            size = n * np.dtype(scalar).itemsize
+        elif sub == gguf.GGUFValueType.STRING:
+            little = (sys.byteorder == "little") != (self.byte_order == "S")  # "S": the file's order is swapped
+            length = struct.Struct(("<" if little else ">") + "Q")
+            pos, buf = offs, self.__dict__.get("_plain", self.data.view(np.ndarray)).data
+            for _ in range(n):
+                pos += 8 + length.unpack_from(buf, pos)[0]
+            size = pos - offs
+        else:  # arrays of arrays: gguf's own walk
+            return super()._get_field_parts(orig_offs, raw_type)
+        payload = self._get(offs, np.uint8, size)
+        if len(payload) != size:
+            raise ValueError(f"array field runs past the end of the file ({size} bytes)")
+        return 12 + size, [itype, count, payload], [2], [gguf.GGUFValueType.ARRAY, sub]
+
+    def _push_field(self, field, skip_sum=False):
+        if field.types[:1] == [gguf.GGUFValueType.ARRAY] and field.parts[-1].dtype == np.uint8 and \
+                len(field.types) == 2 and len(field.data) == 1:
+            field = RawArray(*field)
+        return super()._push_field(field, skip_sum)
 
 
 _open: dict[Path, tuple[tuple[int, int], gguf.GGUFReader]] = {}

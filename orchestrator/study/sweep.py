@@ -391,7 +391,7 @@ def kld_size_estimate(base: Path, inp_chunks: int, ctx: int) -> int | None:
     tokens = analysis.open_model(base).get_field("tokenizer.ggml.tokens")
     if tokens is None or not inp_chunks:
         return None
-    return len(tokens.data) * 2 * (ctx // 2) * inp_chunks
+    return analysis.array_length(tokens) * 2 * (ctx // 2) * inp_chunks
 
 
 def default_reference(names: list[str]) -> str | None:
