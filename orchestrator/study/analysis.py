@@ -74,7 +74,7 @@ class _Reader(gguf.GGUFReader):
         elif sub == gguf.GGUFValueType.STRING:
             little = (sys.byteorder == "little") != (self.byte_order == "S")  # "S": the file's order is swapped
             length = struct.Struct(("<" if little else ">") + "Q")
-            pos, buf = offs, self.__dict__.get("_plain", self.data.view(np.ndarray)).data
+            pos, buf = offs, self.__dict__["_plain"].data  # set by the _get calls above
             for _ in range(n):
                 pos += 8 + length.unpack_from(buf, pos)[0]
             size = pos - offs
@@ -86,8 +86,8 @@ class _Reader(gguf.GGUFReader):
         return 12 + size, [itype, count, payload], [2], [gguf.GGUFValueType.ARRAY, sub]
 
     def _push_field(self, field, skip_sum=False):
-        if field.types[:1] == [gguf.GGUFValueType.ARRAY] and field.parts[-1].dtype == np.uint8 and \
-                len(field.types) == 2 and len(field.data) == 1:
+        array = gguf.GGUFValueType.ARRAY
+        if len(field.types) == 2 and field.types[0] == array and field.types[1] != array:  # ours, above
             field = RawArray(*field)
         return super()._push_field(field, skip_sum)
 
