@@ -135,7 +135,9 @@ def run_task(inp: sweep.Inputs, v: Variant, keep_models: bool, kld_tensors: str 
     """One variant on a worker; returns its row, timings and small artifacts (never raises for a
     variant's own failure: that comes back as a reason)."""
     node, start = _node(), time.time()
-    board.started.remote(v.name, node, start)
+    # waited for: a message still queued in this worker is lost if it is killed, and the driver would
+    # count one attempt fewer than were made
+    import_ray().get(board.started.remote(v.name, node, start))
     marks = {}
 
     def step(var, what):
