@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import results
 from ..files import read_json, read_text, write_atomic, write_json
 from ..results import fmt_ppl
+from ..study.analysis import SEGMENT, ZSTD_BUDGET
 from . import plots
 
 # results.csv: one row per variant (documented in README.md)
@@ -23,9 +24,9 @@ def _zstd_how(rows: list[dict]) -> str:
     shares = [r["zstd_sampled"] for r in rows if r.get("zstd_sampled") is not None and r["zstd_sampled"] < 1]
     if not shares:
         return "measured on all of it"
-    return (f"estimated from evenly spaced 1 MiB segments of every tensor ({100 * min(shares):.2g}–"
+    return (f"estimated from evenly spaced {SEGMENT >> 20} MiB segments of every tensor ({100 * min(shares):.2g}–"
             f"{100 * max(shares):.2g}% of the data, depending on the variant) where a model has more than "
-            "256 MiB of tensor data, measured on all of it otherwise")
+            f"{ZSTD_BUDGET >> 20} MiB of tensor data, measured on all of it otherwise")
 
 
 def write_csv(doc: dict, path: Path) -> None:

@@ -77,11 +77,15 @@ def upcast_path(model: Path, sha: str) -> Path:
     return paths.cache_dir() / "bases" / f"{sha[:16]}-{Path(model).stem}-F16.gguf"
 
 
+def quantized_types(types) -> list[str]:
+    """The weight types of a model that are not float (a base needs an F16 upcast when there are any)."""
+    return sorted(t for t in types if t not in analysis.FLOAT_TYPES)
+
+
 def needs_upcast(model: Path) -> bool:
     """A quantized model whose F16 upcast is not made yet."""
     sha = file_id(model)
-    types, _ = describe(model, sha)
-    return any(t not in analysis.FLOAT_TYPES for t in types) and not upcast_path(model, sha).exists()
+    return bool(quantized_types(describe(model, sha)[0])) and not upcast_path(model, sha).exists()
 
 
 def prepare_base(model: Path, fork: Fork) -> Base:
@@ -92,7 +96,7 @@ def prepare_base(model: Path, fork: Fork) -> Base:
                                                      else "does not exist"))
     sha = file_id(model)
     types, ftype = describe(model, sha)
-    quantized = sorted(t for t in types if t not in analysis.FLOAT_TYPES)
+    quantized = quantized_types(types)
     if not types:
         raise OrchestrateError(f"{model} has no weight matrices: not a model to quantize")
     if not quantized:

@@ -93,17 +93,16 @@ def history(cache: Path) -> History:
     return h
 
 
-def calibrate(fork, base: Path, text: Path, ctx: int, threads: int, llama_env: dict) -> float:
-    """Seconds per token per 1e9 parameters of one chunk of the base (a real llama-perplexity run)."""
-    cmd = [str(fork.binary("llama-perplexity")), "-m", str(base), "-f", str(text), "-c", str(ctx), "--chunks", "1",
-           "-t", str(threads)]
+def calibrate(cmd: list, ctx: int, params: int, llama_env: dict) -> float:
+    """Seconds per token per 1e9 parameters of cmd: llama-perplexity on one chunk of the base, as the
+    sweep would run it (a real run)."""
     t0 = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, env=clean_env(llama_env))
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, env=clean_env(llama_env))
     seconds = time.monotonic() - t0
     if res.returncode != 0:
         tail = res.stdout.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
         raise OrchestrateError(f"calibration run of llama-perplexity failed: {tail[0][-200:]}")
-    return seconds / (ctx * model_params(base) / 1e9)
+    return seconds / (ctx * params / 1e9)
 
 
 def model_params(path: Path) -> int:

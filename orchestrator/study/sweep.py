@@ -94,15 +94,22 @@ def _tail_reason(log: Path) -> str:
     return failure_reason(read_text(log)) if log.exists() else "no output"
 
 
+def perplexity_command(inp: Inputs, model: Path, chunks: int | None = None) -> list:
+    """llama-perplexity on model with the sweep's settings (chunks: other than the sweep's)."""
+    chunks = inp.chunks if chunks is None else chunks
+    cmd = [inp.fork.binary("llama-perplexity"), "-m", model, "-f", inp.text, "-c", str(inp.ctx),
+           "-t", str(inp.threads)]
+    if chunks:
+        cmd += ["--chunks", str(chunks)]
+    if inp.gpu_layers is not None:
+        cmd += ["-ngl", str(inp.gpu_layers)]
+    return cmd
+
+
 def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, save_logits: Path | None = None) -> dict:
     """llama-perplexity on model, writing run/scores.bin (per-token scores); returns the parsed
     figures, the command and the time."""
-    cmd = [inp.fork.binary("llama-perplexity"), "-m", model, "-f", inp.text, "-c", str(inp.ctx),
-           "-t", str(inp.threads)]
-    if inp.chunks:
-        cmd += ["--chunks", str(inp.chunks)]
-    if inp.gpu_layers is not None:
-        cmd += ["-ngl", str(inp.gpu_layers)]
+    cmd = perplexity_command(inp, model)
     tmp_logits = None
     if save_logits:
         tmp_logits = save_logits.with_name(f".{save_logits.name}.partial")
@@ -415,7 +422,6 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
           llama_env: dict | None = None, reference: str | None = None, execute=run_local,
           force: bool = False, backend: str = "cpu", gpu_layers: int | None = None) -> tuple[Path, dict]:
     """The main job: build if needed, prepare the base, run every variant, write the report."""
-    from ..fetch import sha256_of
     from ..fork import build
     from ..hooks.quantize import canonical_type, needs_imatrix
     from ..report import report
@@ -437,9 +443,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
             raise OrchestrateError(f"{', '.join(need)} need{'s' if len(need) == 1 else ''} an importance matrix "
                                    f"for {model.name} (llama-quantize decides this per tensor); "
                                    "orchestrate does not pass one: leave out " + ", ".join(need))
-        inp = Inputs(fork, base, text.resolve(), sha256_of(text), exp.ctx, exp.chunks, kld,
-                     threads or os.cpu_count() or 1, dict(llama_env or {}),
-                     gpu_layers=_gpu_layers(fork, gpu_layers))
+        inp = _sweep_inputs(fork, base, text, exp, kld, threads, llama_env, gpu_layers)
         if kld:
             size = kld_size_estimate(base.path, exp.chunks, exp.ctx)
             where = inp.cache / "scores"
@@ -447,9 +451,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
                   f"under {where}", flush=True)
         if execute is run_local:  # (on a cluster, models and logits go to the workers' disks)
             todo = [v for v in exp.variants() if not finished_row(inp, v)]
-            need = plan.disk_need(base.path.stat().st_size, [v.qtype for v in todo if v.kind != "base"], keep_models,
-                                  _logits_bytes(inp, model) if any(v.kind == "base" for v in todo) else 0, 0,
-                                  plan.history(inp.cache))
+            need = _disk_need(inp, model, todo, keep_models, base.path.stat().st_size, 0, plan.history(inp.cache))
             plan.refuse_if_too_big(need, inp.cache, force)
         rows = run_sweep(exp, inp, out, keep_models, execute)
         settings = {"ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld, "threads": inp.threads,
@@ -458,6 +460,14 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         doc["paired"] = compare_all(rows, reference)
         report.write_all(doc, out, damage_variant)
     return out, doc
+
+
+def _sweep_inputs(fork: Fork, base: Base, text: Path, exp: Experiment, kld: bool, threads: int | None,
+                  llama_env: dict | None, gpu_layers: int | None) -> Inputs:
+    """A sweep's Inputs from its options (the same for running it and for planning it)."""
+    from ..fetch import sha256_of
+    return Inputs(fork, base, text.resolve(), sha256_of(text), exp.ctx, exp.chunks, kld, threads or os.cpu_count() or 1,
+                  dict(llama_env or {}), gpu_layers=_gpu_layers(fork, gpu_layers))
 
 
 def _gpu_layers(fork: Fork, asked: int | None) -> int | None:
@@ -483,8 +493,12 @@ def _chunks(inp: Inputs) -> int:
     return inp.chunks or max(1, inp.text.stat().st_size // plan.CHARS_PER_TOKEN // inp.ctx)
 
 
-def _logits_bytes(inp: Inputs, model: Path) -> int:
-    return (kld_size_estimate(model, _chunks(inp), inp.ctx) or 0) if inp.kld else 0
+def _disk_need(inp: Inputs, model: Path, todo: list[Variant], keep_models: bool, base_bytes: int, upcast: int,
+               hist: plan.History) -> plan.Need:
+    """The peak disk of the variants still to run (the base's --kld logits when the base is one of them)."""
+    base_todo = inp.kld and any(v.kind == "base" for v in todo)
+    logits = (kld_size_estimate(model, _chunks(inp), inp.ctx) or 0) if base_todo else 0
+    return plan.disk_need(base_bytes, [v.qtype for v in todo if v.kind != "base"], keep_models, logits, upcast, hist)
 
 
 def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool = False, keep_models: bool = False,
@@ -492,13 +506,12 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool
                gpu_layers: int | None = None) -> list[str]:
     """`sweep --plan`: the variants, which are cached, the disk at the peak against the free space,
     and the time, without running the sweep (at most a one-chunk calibration of the base)."""
-    from ..fetch import sha256_of
     from ..fork import build
     from dataclasses import replace
 
     from ..hooks.quantize import canonical_type
     from ..hooks.tables import cached_histogram, fit
-    from .base import Base, file_id, needs_upcast, prepare_base, upcast_path
+    from .base import file_id, needs_upcast, prepare_base, upcast_path
     model, text = _inputs(model, text)
     fork = build.current(backend)
     exp = exp.with_types(lambda t: canonical_type(fork, t))
@@ -509,9 +522,7 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool
         base = Base(upcast_path(model, sha), "", (), model.resolve(), sha, "quantized")
     else:
         base = prepare_base(model, fork)
-    inp = Inputs(fork, base, text.resolve(), sha256_of(text), exp.ctx, exp.chunks, kld,
-                 threads or os.cpu_count() or 1, dict(llama_env or {}),
-                 gpu_layers=_gpu_layers(fork, gpu_layers))
+    inp = _sweep_inputs(fork, base, text, exp, kld, threads, llama_env, gpu_layers)
     variants = exp.variants()
     fitted_from = None if upcast else cached_histogram(fork, base.sha256)
     if fitted_from is not None:  # the tables the sweep will fit (a pure computation): their runs are known
@@ -522,7 +533,7 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool
     if not near and not upcast:
         print("note: no earlier runs on a model of this size to time by: one chunk of the base is run to calibrate",
               flush=True)
-        calibrated = plan.calibrate(fork, base.path, inp.text, inp.ctx, inp.threads, inp.llama_env)
+        calibrated = plan.calibrate(perplexity_command(inp, base.path, chunks=1), inp.ctx, params, inp.llama_env)
     base_bytes = upcast or base.path.stat().st_size
     tokens = _chunks(inp) * inp.ctx
     rows = [(v.name, states[v.name], *plan.estimate(v.qtype, base_bytes / 2 ** 20, tokens, params, hist, calibrated))
@@ -530,8 +541,7 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, kld: bool
     if upcast:
         rows.insert(0, ("(F16 upcast)", "to make", plan.estimate("F16", base_bytes / 2 ** 20, 0, params, hist, None)[0], 0.0))
     todo = [v for v in variants if states[v.name] != "cached"]
-    need = plan.disk_need(base_bytes, [v.qtype for v in todo if v.kind != "base"], keep_models,
-                          _logits_bytes(inp, model) if states["base"] != "cached" else 0, upcast, hist)
+    need = _disk_need(inp, model, todo, keep_models, base_bytes, upcast, hist)
     header = (f"plan: {exp.name} on {model.name}: {len(variants)} variants, {len(todo)} to run; {inp.text.name}, "
               f"-c {inp.ctx}, {inp.chunks or f'all (about {_chunks(inp)})'} chunks, {inp.threads} threads")
     source = (f"perplexity timed from {sum(map(len, near.values()))} earlier runs here on models of about this size"
