@@ -213,3 +213,23 @@ def test_hooks_measure_the_error_an_independent_pass_finds(q, demo_base, name, q
     assert by_numpy["model_rel_rmse"] > 0
     for a, b in zip(from_hooks["tensors"], by_numpy["tensors"]):
         assert a["name"] == b["name"] and a["rel_rmse"] == pytest.approx(b["rel_rmse"], rel=1e-6, abs=1e-12), a["name"]
+
+
+def _cpu_has_avx2():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " avx2" in flags
+
+
+@pytest.mark.skipif(not _cpu_has_avx2(), reason="the hooks' AVX2 loops need an AVX2 CPU")
+@pytest.mark.parametrize("name,qtype,kw", [
+    ("err-r2", "Q4_0", {"pablo": True, "radius": 2}), ("q8-plain", "Q8_0", {}), ("err-q4_k_m", "Q4_K_M", {})])
+def test_the_hooks_avx2_and_portable_loops_give_the_same_bits(q, name, qtype, kw):
+    """Counts and error sums are the same bits on an AVX2 CPU and on one without (PABLO_PORTABLE=1
+    takes the portable C loops), so results do not depend on the machine that quantized."""
+    fast_out, fast = q(name, qtype, **kw)
+    slow_out, slow = q(name + "-portable", qtype, env={"PABLO_PORTABLE": "1"}, **kw)
+    a, b = json.loads(fast.read_text()), json.loads(slow.read_text())
+    del a["config"]["file"], b["config"]["file"]
+    assert a == b
+    assert any("sq_err" in t for t in a["tensors"])
+    assert fast_out.read_bytes() == slow_out.read_bytes()
