@@ -163,6 +163,9 @@ def main() -> None:
             while f.read(1 << 26):
                 pass
         for qtype in ("Q4_0", "Q8_0"):
+            # one run unmeasured: a type's first run was 10-15% slower than the next ones, whichever it was
+            timed([quantize, model, tmp / "warm.gguf", qtype, threads], quiet)
+            (tmp / "warm.gguf").unlink()
             ratios, cpu_ratios = [], []
             for i in range(PAIRS):  # alternating, the order swapped each time
                 runs = [("off", {**quiet}), ("on", {**quiet, "PABLO_CONF": str(conf)})]

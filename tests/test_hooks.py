@@ -233,3 +233,15 @@ def test_the_hooks_avx2_and_portable_loops_give_the_same_bits(q, name, qtype, kw
     assert a == b
     assert any("sq_err" in t for t in a["tensors"])
     assert fast_out.read_bytes() == slow_out.read_bytes()
+
+
+@pytest.mark.parametrize("name,qtype,kw", [("q8-plain", "Q8_0", {}), ("err-q4_k_m", "Q4_K_M", {})])
+def test_a_tensor_measured_in_many_slabs_gives_the_same_bits(q, name, qtype, kw):
+    """llama-quantize --max-buffer-size cuts each tensor into slabs of rows: the counts and error sums
+    (added in row order, slab after slab) are the same bits as with each tensor in one slab."""
+    one_out, one = q(name, qtype, **kw)
+    many_out, many = q(name + "-1mib", qtype, extra=["--max-buffer-size", "1"], threads=2, **kw)
+    a, b = json.loads(one.read_text()), json.loads(many.read_text())
+    del a["config"]["file"], b["config"]["file"]
+    assert a == b
+    assert one_out.read_bytes() == many_out.read_bytes()
