@@ -26,17 +26,6 @@ from orchestrator import paths  # noqa: E402
 
 ARGS = shlex.split(os.environ.get("BENCH_ARGS", "--radius 0..3"))
 PORT = 6398
-SHARED = ("downloads", "demo", "bases", "model-ids.json", "model-types", "quant-types", "imatrix-check", "q8_0-hist")
-
-
-def fresh_cache(root: Path) -> Path:
-    root.mkdir(parents=True)
-    for sub in SHARED:
-        if (paths.cache_dir() / sub).exists():
-            (root / sub).symlink_to(paths.cache_dir() / sub)
-    return root
-
-
 def timed(cmd, env) -> float:
     t0 = time.monotonic()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -54,8 +43,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="orchestrate-ray-bench-") as tmp:
         tmp = Path(tmp)
         local = timed([*sweep, "--out", str(tmp / "local")],
-                      {**os.environ, "ORCHESTRATE_CACHE": str(fresh_cache(tmp / "local-cache"))})
-        env = {**os.environ, "ORCHESTRATE_CACHE": str(fresh_cache(tmp / "ray-cache")), "RAY_USAGE_STATS_ENABLED": "0"}
+                      {**os.environ, "ORCHESTRATE_CACHE": str(paths.fresh_cache(tmp / "local-cache"))})
+        env = {**os.environ, "ORCHESTRATE_CACHE": str(paths.fresh_cache(tmp / "ray-cache")), "RAY_USAGE_STATS_ENABLED": "0"}
         holder = subprocess.Popen(["unshare", "-n", "bash", "-c", "ip link set lo up && exec ray start --head --block "
                                    f"--node-ip-address=127.0.0.1 --port={PORT} --num-cpus=2 --disable-usage-stats "
                                    "--include-dashboard=false"], env=env, stdout=subprocess.DEVNULL,

@@ -134,15 +134,6 @@ def peak_rss_kib(pid: int, stop: threading.Event, peak: dict) -> None:
         time.sleep(0.2)
 
 
-def fresh_cache(where: Path) -> dict:
-    """An environment whose run cache has the downloads, demo files and known models, but no runs."""
-    where.mkdir()
-    for sub in ("downloads", "demo", "bases", "model-ids.json", "model-types", "quant-types"):
-        if (paths.cache_dir() / sub).exists():
-            (where / sub).symlink_to(paths.cache_dir() / sub)
-    return {**os.environ, "ORCHESTRATE_CACHE": str(where)}
-
-
 def main() -> None:
     fork = build.build(quiet=True)
     where = paths.cache_dir() / "bench"
@@ -188,7 +179,7 @@ def main() -> None:
                        "--chunks", "1", "-t", threads])
         print(f"llama-perplexity, Q4_0, one 512-token chunk (load included): {chunk:.1f} s", flush=True)
         plan = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "--radius", "0..3", "--model", model,
-                               "--plan"], capture_output=True, text=True, env=fresh_cache(tmp / "plan-cache"))
+                               "--plan"], capture_output=True, text=True, env={**os.environ, "ORCHESTRATE_CACHE": str(paths.fresh_cache(tmp / "plan-cache"))})
         m = re.search(r"q4_0\s+to run\s+quantize \S+, perplexity ~(\d+)h(\d+)m", plan.stdout)
         m2 = re.search(r"q4_0\s+to run\s+quantize \S+, perplexity ~(\d+)m(\d+)s", plan.stdout)
         if m or m2:

@@ -1,7 +1,7 @@
 """Benchmark of `orchestrate sweep` (issue: the sweep).
 
-Runs one sweep with a fresh run cache (sharing only the downloads, demo files and the F16
-base), then the same sweep again fully cached, and prints: total wall time, the time spent
+Runs one sweep with a fresh run cache (sharing only facts about files: downloads, demo files, the
+F16 base, model memos), then the same sweep again fully cached, and prints: total wall time, the time spent
 inside llama-* processes, the orchestration overhead as a ratio (target <= 2%), and the wall
 time of the cached re-run (target <= 3 s). Settings: BENCH_ARGS (default: the demo main job).
 """
@@ -38,12 +38,7 @@ def main() -> None:
                     "--types", "none", "--chunks", "1", "--ctx", "64", "--out", tempfile.mkdtemp()], check=True,
                    capture_output=True)
     with tempfile.TemporaryDirectory(prefix="orchestrate-bench-") as tmp:
-        cache = Path(tmp) / "cache"
-        cache.mkdir()
-        for sub in ("downloads", "demo", "bases", "model-ids.json"):
-            if (paths.cache_dir() / sub).exists():
-                (cache / sub).symlink_to(paths.cache_dir() / sub)
-        env = {**os.environ, "ORCHESTRATE_CACHE": str(cache)}
+        env = {**os.environ, "ORCHESTRATE_CACHE": str(paths.fresh_cache(Path(tmp) / "cache"))}
         out = Path(tmp) / "out"
         total = sweep(env, out)
         doc = json.loads((out / "results.json").read_text())

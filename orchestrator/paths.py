@@ -41,3 +41,19 @@ def cache_dir() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "orchestrate"
+
+
+# What a run cache holds that are facts about files rather than results: downloads, the demo files,
+# upcast bases and memos of model facts. Tests and benchmarks that measure runs start from a cache
+# of their own that shares only these.
+CACHE_FACTS = ("downloads", "demo", "bases", "model-ids.json", "model-types", "quant-types", "imatrix-check",
+               "q8_0-hist")
+
+
+def fresh_cache(root: Path) -> Path:
+    """A run cache at root with no runs, sharing the user's cache's CACHE_FACTS (symlinked)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in CACHE_FACTS:
+        if (cache_dir() / sub).exists():
+            (root / sub).symlink_to(cache_dir() / sub)
+    return root

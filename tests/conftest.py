@@ -23,21 +23,6 @@ def orchestrate(*args, env=None, cwd=None, check=False):
     return res
 
 
-SHARED_CACHE = ("downloads", "demo", "bases", "model-ids.json", "model-types", "quant-types", "imatrix-check",
-                "q8_0-hist")
-
-
-def fresh_cache(root: Path) -> Path:
-    """A run cache of its own (nothing reused from other sweeps), sharing the downloads, the demo
-    files, the upcast base and the memos of model facts."""
-    from orchestrator import paths
-    root.mkdir(parents=True, exist_ok=True)
-    for sub in SHARED_CACHE:
-        if (paths.cache_dir() / sub).exists():
-            (root / sub).symlink_to(paths.cache_dir() / sub)
-    return root
-
-
 @pytest.fixture
 def tiny_project(tmp_path, monkeypatch):
     """A project whose upstream is a small local git repository (fast tests of the series)."""

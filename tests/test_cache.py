@@ -7,7 +7,8 @@ from pathlib import Path
 import filelock
 import pytest
 
-from conftest import fresh_cache, orchestrate
+from conftest import orchestrate
+from orchestrator.paths import fresh_cache
 from orchestrator.errors import OrchestrateError
 from orchestrator.study import cache
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fresh_cache, orchestrate
+from conftest import orchestrate
+from orchestrator.paths import fresh_cache
 
 SMALL = ["--radius", "1", "--types", "Q4_0", "--tables", "basic", "--chunks", "2", "--ctx", "128", "--threads", "1"]
 PORT = 6399

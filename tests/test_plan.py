@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from conftest import fresh_cache, orchestrate
+from conftest import orchestrate
+from orchestrator.paths import fresh_cache
 
 TINY = ["--radius", "none", "--tables", "none", "--types", "Q8_0", "--chunks", "2", "--ctx", "128", "--threads", "2"]
 

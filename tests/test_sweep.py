@@ -43,6 +43,8 @@ def test_every_variant_scored(swept):
         assert r["status"] == "ok" and math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["ppl_err"] > 0, r["name"]
         assert len(r["ppl_chunks"]) == 3 and r["ppl_chunks"][-1] == r["ppl"]
         assert r["perplexity_seconds"] > 0 and r["commands"]
+        # the report's commands name files that outlive the run, not the quantizer's temporary directory
+        assert not any(".quantize-" in arg for c in r["commands"] for arg in c), r["commands"]
     # radius 0 changes no weight, so it scores exactly like stock Q4_0
     assert rows["q4_0-r0"]["ppl"] == rows["q4_0"]["ppl"] and rows["q4_0-r0"]["ppl_chunks"] == rows["q4_0"]["ppl_chunks"]
     assert rows["q4_0"]["bpw"] < rows["q8_0"]["bpw"] < rows["base"]["bpw"]

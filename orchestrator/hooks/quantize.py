@@ -115,5 +115,6 @@ def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, pablo: bool = Fa
             Path(hist).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(tmp_hist, hist)
         os.replace(tmp_out, out)
-    result.update(command=[str(c) for c in cmd], seconds=seconds, log=str(log_path))
+    # the command as run, but naming the output where it now is (the temporary directory is gone)
+    result.update(command=[str(out if c == tmp_out else c) for c in cmd], seconds=seconds, log=str(log_path))
     return result
