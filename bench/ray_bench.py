@@ -26,6 +26,8 @@ from orchestrator import paths  # noqa: E402
 
 ARGS = shlex.split(os.environ.get("BENCH_ARGS", "--radius 0..3"))
 PORT = 6398
+
+
 def timed(cmd, env) -> float:
     t0 = time.monotonic()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
