@@ -69,7 +69,7 @@ def main() -> None:
     print(f"series replays without a manual edit onto {len(whole)} of {len(VERSIONS)} releases: {', '.join(whole)}"
           f"   (target >= 6 of 7)")
     others = [v for v in reversed(whole) if v != current.version]
-    builds = [v for v in os.environ.get("BENCH_BUILD", ",".join(others[:2])).split(",") if v]
+    builds = [v.strip() for v in os.environ.get("BENCH_BUILD", ",".join(others[:2])).split(",") if v.strip()]
     passed = []
     for v in builds:
         ok, seconds, last = bump_in_scratch(v)
