@@ -46,7 +46,8 @@ def main() -> None:
         tmp = Path(tmp)
         local = timed([*sweep, "--out", str(tmp / "local")],
                       {**os.environ, "ORCHESTRATE_CACHE": str(paths.fresh_cache(tmp / "local-cache"))})
-        env = {**os.environ, "ORCHESTRATE_CACHE": str(paths.fresh_cache(tmp / "ray-cache")), "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "ORCHESTRATE_CACHE": str(paths.fresh_cache(tmp / "ray-cache")),
+               "RAY_USAGE_STATS_ENABLED": "0"}
         holder = subprocess.Popen(["unshare", "-n", "bash", "-c", "ip link set lo up && exec ray start --head --block "
                                    f"--node-ip-address=127.0.0.1 --port={PORT} --num-cpus=2 --disable-usage-stats "
                                    "--include-dashboard=false"], env=env, stdout=subprocess.DEVNULL,

@@ -179,7 +179,8 @@ def main() -> None:
                        "--chunks", "1", "-t", threads])
         print(f"llama-perplexity, Q4_0, one 512-token chunk (load included): {chunk:.1f} s", flush=True)
         plan = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "--radius", "0..3", "--model", model,
-                               "--plan"], capture_output=True, text=True, env={**os.environ, "ORCHESTRATE_CACHE": str(paths.fresh_cache(tmp / "plan-cache"))})
+                               "--plan"], capture_output=True, text=True,
+                              env={**os.environ, "ORCHESTRATE_CACHE": str(paths.fresh_cache(tmp / "plan-cache"))})
         m = re.search(r"q4_0\s+to run\s+quantize \S+, perplexity ~(\d+)h(\d+)m", plan.stdout)
         m2 = re.search(r"q4_0\s+to run\s+quantize \S+, perplexity ~(\d+)m(\d+)s", plan.stdout)
         if m or m2:
