@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -90,6 +91,34 @@ def test_outputs_figures_and_report(swept):
     (out / "perplexity.png").unlink()
     orchestrate("plot", out, check=True)
     assert (out / "perplexity.png").read_bytes()[:8] == PNG
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_killed_plot_leaves_no_drawing_process_and_no_half_written_figure(swept, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(swept[0], out)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "plot", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    drawing = _children(proc.pid)
+    assert len(drawing) >= 2, "no drawing processes seen"  # this machine has 2 cores or more
+    proc.terminate()  # the parent only, as a scheduler's kill would
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{c}").exists() for c in drawing) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [c for c in drawing if Path(f"/proc/{c}").exists()]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in swept[0].iterdir())
+    for p in out.glob("*.png"):
+        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 1000, p.name
 
 
 def test_second_run_starts_no_llama_process(swept, fork):

@@ -1,6 +1,12 @@
 """Figures of a sweep, drawn from results.json and the histogram files (PNG and SVG)."""
 
+import ctypes
 import io
+import multiprocessing
+import os
+import signal
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +18,7 @@ import numpy as np  # noqa: E402
 from ..files import read_json, write_atomic  # noqa: E402
 
 RUN_LABELS = [str(i) for i in range(1, 16)] + ["≥16"]
+PR_SET_PDEATHSIG = 1  # prctl(2), Linux
 
 
 def _save(fig, out: Path, stem: str) -> str:
@@ -285,19 +292,52 @@ def fig_forest(doc, out: Path) -> str | None:
     return _save(fig, out, "paired_forest")
 
 
+def _figures(doc: dict, out: Path, damage_variant: str | None) -> list[tuple[str, object, tuple]]:
+    """(title, drawing function, its arguments) of every figure a sweep can have."""
+    figs = [("Perplexity per variant", fig_perplexity, ()),
+            ("Paired differences (forest plot)", fig_forest, ()),
+            ("Perplexity against effective bits per weight", fig_tradeoff, ()),
+            ("Perplexity against zero radius", fig_radius, ()),
+            ("Zero-run histograms", fig_zero_runs, ()),
+            ("Stock Q8_0 values (256 bins)", fig_q8_values, ()),
+            ("Table code usage", fig_table_codes, ())]
+    if damage_variant:
+        figs.append((f"Weight error per tensor: {damage_variant}", fig_damage, (damage_variant,)))
+    figs += [(f"Value histogram: {r['name']}", fig_values, (r,)) for r in _ok(doc) if r["kind"] != "base"]
+    return [(title, fn, (doc, out, *args)) for title, fn, args in figs]
+
+
+def _draw(fn, args):
+    return fn(*args)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A drawing process goes when the one that started it does (a killed sweep leaves none behind)."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it went before the line above
+        os._exit(1)
+
+
+def _workers(n: int) -> int:
+    """Processes to draw n figures in: one per core, where forking is safe (Linux); else none.
+    Drawing is Python (text layout mostly), so threads would take turns on the GIL."""
+    if sys.platform != "linux" or n < 2:
+        return 0
+    return min(n, len(os.sched_getaffinity(0)))
+
+
 def draw_all(doc: dict, out: Path, damage_variant: str | None = None) -> list[tuple[str, str]]:
-    """Every figure the results allow; returns (title, PNG file name) pairs."""
+    """Every figure the results allow, drawn on every core; returns (title, PNG file name) pairs."""
     out = Path(out)
-    damage_variant = damage_variant or default_damage_variant(doc)
-    figs = [("Perplexity per variant", fig_perplexity(doc, out)),
-            ("Paired differences (forest plot)", fig_forest(doc, out)),
-            ("Perplexity against effective bits per weight", fig_tradeoff(doc, out)),
-            ("Perplexity against zero radius", fig_radius(doc, out)),
-            ("Zero-run histograms", fig_zero_runs(doc, out)),
-            ("Stock Q8_0 values (256 bins)", fig_q8_values(doc, out)),
-            ("Table code usage", fig_table_codes(doc, out)),
-            (f"Weight error per tensor: {damage_variant}", fig_damage(doc, out, damage_variant) if damage_variant else None)]
-    for r in _ok(doc):
-        if r["kind"] != "base":
-            figs.append((f"Value histogram: {r['name']}", fig_values(doc, out, r)))
-    return [(t, p) for t, p in figs if p]
+    figs = _figures(doc, out, damage_variant or default_damage_variant(doc))
+    workers = _workers(len(figs))
+    if workers < 2:
+        names = [fn(*args) for _, fn, args in figs]
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_die_with_parent, initargs=(os.getpid(),))
+        try:
+            names = list(pool.map(_draw, [fn for _, fn, _ in figs], [args for _, _, args in figs]))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return [(title, name) for (title, _, _), name in zip(figs, names) if name]
