@@ -37,6 +37,8 @@ def timed(cmd, env) -> float:
 
 
 def main() -> None:
+    # killed (timeout, a scheduler) as well as interrupted: unwind, so the cluster below is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     # the fork, the demo files and the base exist first, so only the sweeps are measured
     subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "--radius", "none", "--tables", "none",
                     "--types", "none", "--chunks", "1", "--ctx", "64", "--out", tempfile.mkdtemp()], check=True,
