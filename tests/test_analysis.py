@@ -98,7 +98,7 @@ def test_scan_measures_zstd_per_tensor_and_keys_the_content(crafted, tmp_path):
     import zstandard
     reader = analysis.open_model(crafted)
     s = analysis.scan(crafted)
-    direct = sum(len(zstandard.ZstdCompressor(level=3).compress(np.asarray(t.data).tobytes())) for t in reader.tensors)
+    direct = sum(len(zstandard.ZstdCompressor(level=1).compress(np.asarray(t.data).tobytes())) for t in reader.tensors)
     elements = sum(int(t.n_elements) for t in reader.tensors)
     assert s["zstd_sampled"] == 1.0
     assert abs(s["zstd_bpw"] - 8 * direct / elements) <= 8 * 8 * len(reader.tensors) / elements  # frame headers

@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import results
 from ..files import read_json, read_text, write_atomic, write_json
 from ..results import fmt_ppl
-from ..study.analysis import SEGMENT, ZSTD_BUDGET
+from ..study.analysis import SEGMENT, ZSTD_BUDGET, ZSTD_LEVEL
 from . import plots
 
 # results.csv: one row per variant (documented in README.md)
@@ -110,7 +110,7 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
               "scores the same tokens, so their errors are strongly correlated; the paired comparisons below "
               "tell variants apart.", "",
               "*bits/weight*: tensor data as stored; *zstd bits/weight*: the same bytes compressed with zstd "
-              f"(level 3, each tensor on its own), {_zstd_how(rows)}; *value entropy*: Shannon entropy of the stored values of the variant's main "
+              f"(level {ZSTD_LEVEL}, each tensor on its own), {_zstd_how(rows)}; *value entropy*: Shannon entropy of the stored values of the variant's main "
               "type, in bits per weight (scales not included); *weight error*: RMSE of all weights against the "
               "base, relative to the base's RMS; *zeros*: share of the main type's values stored as 0; "
               "*isolated zeros*: share of those zeros with no zero neighbour in their row (runs of length 1).", ""]

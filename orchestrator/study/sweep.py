@@ -70,7 +70,8 @@ def _key(inp: Inputs, determined_by: dict) -> str:
 
 
 def run_key(inp: Inputs, v: Variant) -> str:
-    return _key(inp, {"base": inp.base.sha256, "variant": v.spec()})
+    # the analysis' format too: a run measured another way is done again (its scores are kept)
+    return _key(inp, {"base": inp.base.sha256, "variant": v.spec(), "scan": analysis.SCAN_FORMAT})
 
 
 def run_dir(inp: Inputs, v: Variant) -> Path:
