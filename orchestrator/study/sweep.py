@@ -11,6 +11,7 @@ any way, expected or not, becomes a failed row with its reason and log, and the 
 """
 
 import functools
+import gc
 import hashlib
 import json
 import os
@@ -428,6 +429,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
     from ..report import report
     from .base import prepare_base
 
+    gc.freeze()  # what is imported by now (matplotlib: ~80k objects) lives on: out of every collection
     model, text = _inputs(model, text)
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{model.stem}"
     names = [v.name for v in exp.variants()]
