@@ -100,6 +100,7 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="figures are drawn in one process on one core")
 def test_killed_plot_leaves_no_drawing_process_and_no_half_written_figure(swept, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(swept[0], out)
@@ -109,7 +110,7 @@ def test_killed_plot_leaves_no_drawing_process_and_no_half_written_figure(swept,
     while len(_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     drawing = _children(proc.pid)
-    assert len(drawing) >= 2, "no drawing processes seen"  # this machine has 2 cores or more
+    assert len(drawing) >= 2, "no drawing processes seen"
     proc.terminate()  # the parent only, as a scheduler's kill would
     proc.wait()
     deadline = time.monotonic() + 10

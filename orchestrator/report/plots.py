@@ -308,12 +308,21 @@ def _figures(doc: dict, out: Path, damage_variant: str | None) -> list[tuple[str
 
 
 def _draw(fn, args):
-    return fn(*args)
+    try:
+        return fn(*args)
+    except SystemExit:  # its parent went (below): unwound, so write_atomic left no temporary file
+        os._exit(1)     # (returning would wait on a queue nobody writes to any more)
+
+
+def _parent_gone(*_):
+    raise SystemExit(1)
 
 
 def _die_with_parent(parent: int) -> None:
-    """A drawing process goes when the one that started it does (a killed sweep leaves none behind)."""
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    """A drawing process goes when the one that started it does (a killed sweep leaves none
+    behind): the kernel sends it SIGTERM, which unwinds it."""
+    signal.signal(signal.SIGTERM, _parent_gone)
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it went before the line above
         os._exit(1)
 
