@@ -16,7 +16,7 @@ package's writer: 13.5 GB, cached under <cache>/bench), and prints, measured in 
 - then bench/sweep_bench.py: the demo sweep's overhead (time outside llama-* / total; target <= 2%).
 
 Needs about 35 GB free disk and an hour or more on 2 cores. BENCH_SKIP_SWEEP=1 skips both sweeps;
-BENCH_ONLY_HOOKS=1 stops after the llama-quantize pairs.
+BENCH_ONLY_HOOKS=1 stops after the llama-quantize pairs; BENCH_SKIP_HOOKS=1 skips them.
 """
 
 import json
@@ -153,7 +153,7 @@ def main() -> None:
         with open(model, "rb") as f:  # into the page cache first: a cold first run measured 52 s against 35 s warm
             while f.read(1 << 26):
                 pass
-        for qtype in ("Q4_0", "Q8_0"):
+        for qtype in () if os.environ.get("BENCH_SKIP_HOOKS") else ("Q4_0", "Q8_0"):
             # one run unmeasured: a type's first run was 10-15% slower than the next ones, whichever it was
             timed([quantize, model, tmp / "warm.gguf", qtype, threads], quiet)
             (tmp / "warm.gguf").unlink()
