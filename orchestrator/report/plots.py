@@ -332,7 +332,7 @@ def _workers(n: int) -> int:
     """Processes to draw n figures in: one per core, where forking is safe (Linux, and no other
     thread, such as a Ray driver's, could hold a lock the copy needs); else none. Drawing is Python
     (text layout mostly), so threads would take turns on the GIL."""
-    if sys.platform != "linux" or n < 2 or threading.active_count() > 1:
+    if sys.platform != "linux" or threading.active_count() > 1:
         return 0
     return min(n, len(os.sched_getaffinity(0)))
 
