@@ -93,6 +93,14 @@ def test_outputs_figures_and_report(swept):
     assert (out / "perplexity.png").read_bytes()[:8] == PNG
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie has ended; it waits only for whoever adopted it to reap it)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -114,12 +122,46 @@ def test_killed_plot_leaves_no_drawing_process_and_no_half_written_figure(swept,
     proc.terminate()  # the parent only, as a scheduler's kill would
     proc.wait()
     deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{c}").exists() for c in drawing) and time.monotonic() < deadline:
+    while any(map(_alive, drawing)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not [c for c in drawing if Path(f"/proc/{c}").exists()]
+    assert not [c for c in drawing if _alive(c)]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in swept[0].iterdir())
     for p in out.glob("*.png"):
         assert p.read_bytes()[:8] == PNG and p.stat().st_size > 1000, p.name
+
+
+class _KilledWhileSent:
+    """A drawing's result whose sending back is interrupted by the parent-death signal."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler runs here, inside the pool's sending of the result
+        return (int, (0,))
+
+
+def _killed_while_sent():
+    return _KilledWhileSent()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in forked processes on Linux only")
+def test_a_drawing_process_ends_even_when_the_pool_swallows_its_exit():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from orchestrator.report import plots
+    before = set(_children(os.getpid()))
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
+                               initializer=plots._die_with_parent, initargs=(os.getpid(),))
+    try:
+        with pytest.raises(SystemExit):  # the pool reports the exit instead of ending the process
+            pool.submit(plots._draw, _killed_while_sent, ()).result(timeout=30)
+        workers = set(_children(os.getpid())) - before
+        assert workers
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [w for w in workers if _alive(w)]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def test_second_run_starts_no_llama_process(swept, fork):

@@ -316,6 +316,9 @@ def _draw(fn, args):
 
 
 def _parent_gone(*_):
+    # SIGALRM (default action: end the process) in case the exit below is swallowed on its way: the
+    # pool's worker loop catches everything raised while it sends a result back, then waits for work
+    signal.alarm(2)
     raise SystemExit(1)
 
 
