@@ -183,11 +183,8 @@ def test_second_run_starts_no_llama_process(swept, fork):
 
 def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path):
     out, doc, _ = swept
-    # a separate run cache (sharing the downloads and the base) so nothing is reused from `swept`
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    for sub in ("downloads", "demo", "bases"):
-        (cache / sub).symlink_to(paths.cache_dir() / sub)
+    # a separate run cache (sharing only facts about files) so nothing is reused from `swept`
+    cache = paths.fresh_cache(tmp_path / "cache")
     env = {"ORCHESTRATE_CACHE": str(cache)}
     out2 = tmp_path / "out"
     cmd = [sys.executable, "-m", "orchestrator", "sweep", *SMALL, "--out", str(out2)]

@@ -5,7 +5,7 @@ model's perplexity and per-token scores; the base's logits with --kld) live unde
 and a cluster node's own ones under <cache>/worker. A sweep records in each directory it uses
 which sweep used it and when (used.json), as each variant finishes, so the cache can be listed
 per sweep and collected by last use. A directory that a live sweep holds locked is never
-touched. Downloads, the demo files and upcast bases are left alone.
+touched. Facts about files (paths.CACHE_FACTS: downloads, demo files, upcast bases, memos) are left alone.
 """
 
 import datetime
