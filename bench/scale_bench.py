@@ -10,6 +10,10 @@ package's writer: 13.5 GB, cached under <cache>/bench), and prints, measured in 
   sweep's wall time outside llama-* processes) / llama-quantize's wall time (target <= 0.10);
 - the peak anonymous memory of that sweep's orchestrate process (target <= 1 GiB), and the peak of
   the file pages it had mapped;
+- the Q4_0 model's zstd size measured as sweeps do (segments of each tensor above
+  analysis.ZSTD_BUDGET) against compressing all of it, with the time each took. The weights are
+  random, so every segment of a tensor looks alike: this checks the scaling and the time saved, not
+  how well segments stand for a real model's tensors (tests/test_analysis.py does that on the demo);
 - llama-perplexity seconds per 512-token chunk (Q4_0 model), and the `--plan` estimate for a
   default sweep's perplexity against that measured chunk, made as on a machine that never ran this
   model (a run cache without runs: the plan calibrates on one chunk of the base);
@@ -39,6 +43,7 @@ import gguf  # noqa: E402
 
 from orchestrator import demo, paths  # noqa: E402
 from orchestrator.fork import build  # noqa: E402
+from orchestrator.study import analysis  # noqa: E402
 
 LAYERS, HIDDEN, FFN, VOCAB, HEADS = 32, 4096, 11008, 32000, 32
 
@@ -134,6 +139,17 @@ def peak_rss_kib(pid: int, stop: threading.Event, peak: dict) -> None:
         time.sleep(0.2)
 
 
+def zstd_sampled_vs_full(path: Path) -> None:
+    t0 = time.monotonic()
+    part = analysis.scan(path)
+    t1 = time.monotonic()
+    full = analysis.scan(path, budget=path.stat().st_size)
+    t2 = time.monotonic()
+    print(f"zstd of the Q4_0 model: from {part['zstd_sampled']:.1%} of its tensor bytes {part['zstd_bpw']:.4f} bpw "
+          f"in {t1 - t0:.1f} s; from all of them {full['zstd_bpw']:.4f} bpw in {t2 - t1:.1f} s: "
+          f"difference {part['zstd_bpw'] / full['zstd_bpw'] - 1:+.3%}", flush=True)
+
+
 def main() -> None:
     fork = build.build(quiet=True)
     where = paths.cache_dir() / "bench"
@@ -175,6 +191,7 @@ def main() -> None:
         if os.environ.get("BENCH_ONLY_HOOKS"):
             return
         timed([quantize, model, tmp / "q4_0.gguf", "Q4_0", threads], quiet)
+        zstd_sampled_vs_full(tmp / "q4_0.gguf")
         chunk = timed([fork.binary("llama-perplexity"), "-m", tmp / "q4_0.gguf", "-f", demo.demo_text(), "-c", "512",
                        "--chunks", "1", "-t", threads])
         print(f"llama-perplexity, Q4_0, one 512-token chunk (load included): {chunk:.1f} s", flush=True)
