@@ -59,6 +59,37 @@ def parse_perplexity(text: str) -> dict:
     return out
 
 
+class PerplexityProgress:
+    """Chunks done (and in all, once said) of a running llama-perplexity, from its output fed in
+    pieces cut anywhere: "[k]ppl," entries, or the --kl-divergence table's rows."""
+
+    TAIL = 256  # kept from the last piece: longer than an entry, a row's start or the "over N chunks" line
+
+    def __init__(self):
+        self.done, self.total, self.per_pass, self._tail = 0, None, 1, ""
+
+    def feed(self, text: str) -> bool:
+        """True when more chunks are done than before."""
+        s = self._tail + text
+        self._tail = s[-self.TAIL:]
+        if self.total is None and (m := re.search(r"over (\d+) chunks.*?(?:n_seq\s*=\s*(\d+))?\n", s)):
+            self.total, self.per_pass = int(m.group(1)), int(m.group(2) or 1)
+        seen = [int(k) for k, _ in re.findall(r"\[(\d+)\]" + NUM + ",", s)]
+        # a row after a newline: the kept tail starts anywhere, maybe inside a row
+        seen += [int(k) for k, _, _ in re.findall(r"\n[ \t]*(\d+)[ \t]+" + NUM + PM + NUM, s)]
+        done = max(seen, default=0)
+        moved, self.done = done > self.done, max(done, self.done)
+        return moved
+
+    def seconds_left(self, elapsed: float) -> float | None:
+        """From the passes done in `elapsed` seconds: a pass scores per_pass chunks at once, and
+        prints them one by one, so counting chunks would make the first of each look slow."""
+        if not self.total or not self.done:
+            return None
+        done, passes = -(-self.done // self.per_pass), -(-self.total // self.per_pass)
+        return elapsed / done * (passes - done)
+
+
 def parse_quantize(text: str) -> dict:
     """Sizes before/after (MiB, and bits per weight when printed) and per-tensor target types."""
     out: dict = {}

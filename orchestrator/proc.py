@@ -1,6 +1,7 @@
 """Running llama.cpp's tools: a clean environment, merged output logged line by line as
 UTF-8, a one-line progress display, and the line that says why a tool failed."""
 
+import codecs
 import os
 import shutil
 import subprocess
@@ -21,24 +22,41 @@ DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setp
 
 
 def run_logged(cmd: list[str], log, on_line: Callable[[str], None] | None = None,
-               env: dict | None = None, cwd: Path | None = None) -> tuple[int, float]:
-    """Run cmd, writing its merged output to the open file `log`; return (exit code, seconds)."""
+               env: dict | None = None, cwd: Path | None = None,
+               on_output: Callable[[str], None] | None = None) -> tuple[int, float]:
+    """Run cmd, writing its merged output to the open file `log`; return (exit code, seconds).
+    on_line gets each whole line; on_output each piece of output as it comes, cut anywhere (a tool
+    that reports progress without ending its line, like llama-perplexity's chunks, is seen at once)."""
     log.write(f"$ {' '.join(map(str, cmd))}\n")
     log.flush()
     t0 = time.monotonic()
-    proc = subprocess.Popen(DIE_WITH_PARENT + [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            encoding="utf-8", errors="replace", env=env, cwd=cwd)
+    proc = subprocess.Popen(DIE_WITH_PARENT + [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, cwd=cwd)
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+    line = ""
     try:
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()  # a log that is watched (or left by a killed run) is up to date
-            if on_line:
-                on_line(line)
+        while True:
+            data = os.read(proc.stdout.fileno(), 1 << 16)
+            text = decode(data, final=not data)
+            if text:
+                log.write(text)
+                log.flush()  # a log that is watched (or left by a killed run) is up to date
+                if on_output:
+                    on_output(text)
+                *whole, line = (line + text).split("\n")
+                for w in whole if on_line else ():
+                    on_line(w + "\n")
+            if not data:
+                break
+        if line and on_line:
+            on_line(line)
         rc = proc.wait()
     except BaseException:
         proc.kill()
         proc.wait()
         raise
+    finally:
+        proc.stdout.close()
     log.flush()
     return rc, time.monotonic() - t0
 

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.parse import ParseError, parse_perplexity, parse_quantize, quantize_progress
+from hypothesis import given, settings, strategies as st
+
+from orchestrator.parse import ParseError, PerplexityProgress, parse_perplexity, parse_quantize, quantize_progress
 
 OUT = Path(__file__).parent / "data" / "outputs"
 
@@ -88,3 +90,32 @@ def test_quantize_older_format_without_bpw():
 def test_quantize_that_did_not_finish_is_an_error():
     with pytest.raises(ParseError):
         parse_quantize("[   1/ 272] output_norm.weight - [576, 1, 1, 1], type = f32, size = 0.002 MiB\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(stem=st.sampled_from(["perplexity", "kld"]), cuts=st.lists(st.floats(0, 1), max_size=40))
+def test_chunk_progress_whatever_the_pieces_output_comes_in(stem, cuts):
+    # a running llama-perplexity's output read as it comes: pieces end anywhere, inside a number too
+    text = both(stem)
+    at = sorted({round(c * len(text)) for c in cuts} | {0, len(text)})
+    progress, reports = PerplexityProgress(), []
+    for a, b in zip(at, at[1:]):
+        if progress.feed(text[a:b]):
+            reports.append(progress.done)
+    total = len(parse_perplexity(text)["chunks"])
+    assert progress.total == total
+    assert reports == sorted(set(reports)) and reports[-1] == total  # only forward, to the end
+
+
+def test_time_left_counts_passes_not_chunks():
+    # llama-perplexity scores n_seq chunks in one pass, then prints them one after another
+    p = PerplexityProgress()
+    p.feed("perplexity: calculating perplexity over 20 chunks, n_ctx=512, batch_size=2048, n_seq=4\n[1]5.1,")
+    assert (p.done, p.total, p.seconds_left(100)) == (1, 20, 400)  # 1 pass of 5 in 100 s, not 1 chunk of 20
+    p.feed("[2]5.2,[3]5.3,[4]5.4,")
+    assert p.seconds_left(100) == 400
+    p.feed("[5]5.5,")
+    assert p.seconds_left(200) == 300
+    older = PerplexityProgress()  # no n_seq said: a chunk a pass
+    older.feed("perplexity: calculating perplexity over 655 chunks, batch_size=512\n[1]4.5970,")
+    assert older.seconds_left(10) == 6540

@@ -265,3 +265,17 @@ def test_kl_divergence_against_the_base(fork, demo_base, tmp_path):
     again = orchestrate("sweep", "--kld", "--radius", "2", "--tables", "none", "--types", "Q4_0", "--chunks", "3",
                         "--ctx", "128", "--threads", "2", "--out", tmp_path)
     assert again.returncode == 0 and again.stderr.count("(cached)") == 3
+
+
+def test_perplexity_chunks_are_reported_while_it_runs(fork, demo_base, tmp_path):
+    # at 7B a chunk takes minutes; llama-perplexity prints each pass's chunks without ending the line
+    from orchestrator import demo
+    from orchestrator.study.sweep import Inputs, score
+    inp = Inputs(fork, None, demo.demo_text(), "demo", ctx=512, chunks=8, kld=False, threads=2)
+    reports = []
+    res = score(inp, demo_base, tmp_path, on_chunks=lambda p, secs: reports.append((p.done, p.total)))
+    assert len(res["chunks"]) == 8
+    # 4 chunks a pass (batch 2048 / ctx 512): the first pass is told before the second ends (read
+    # line by line, all 8 would come at once, at the end)
+    assert reports[0][0] <= 4 and reports[-1] == (8, 8), reports
+    assert [d for d, _ in reports] == sorted({d for d, _ in reports}), reports

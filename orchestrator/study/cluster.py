@@ -138,10 +138,15 @@ def run_task(inp: sweep.Inputs, v: Variant, keep_models: bool, kld_tensors: str 
     # waited for: a message still queued in this worker is lost if it is killed, and the driver would
     # count one attempt fewer than were made
     import_ray().get(board.started.remote(v.name, node, start))
-    marks = {}
+    marks, posted = {}, 0.0
 
-    def step(var, what):
-        marks.setdefault(what, time.time())
+    def step(var, what, detail=False):
+        nonlocal posted
+        if detail and time.time() - posted < 60:  # how far a step is: to the driver once a minute
+            return
+        if not detail:
+            marks.setdefault(what, time.time())
+        posted = time.time()
         board.step.remote(var.name, what)
     out = {"node": node, "start": start}
     try:

@@ -21,6 +21,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import filelock
 
@@ -29,7 +30,7 @@ from ..errors import OrchestrateError
 from ..files import read_json, read_text, write_atomic, write_json
 from ..fork.build import Fork
 from ..hooks.quantize import run_quantize
-from ..parse import parse_perplexity
+from ..parse import PerplexityProgress, parse_perplexity
 from ..proc import Progress, clean_env, failure_reason, run_logged
 from . import analysis, cache, paired, plan, scores, stats
 from .base import Base, scanned
@@ -108,9 +109,10 @@ def perplexity_command(inp: Inputs, model: Path, chunks: int | None = None) -> l
     return cmd
 
 
-def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, save_logits: Path | None = None) -> dict:
+def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, save_logits: Path | None = None,
+          on_chunks: Callable[[PerplexityProgress, float], None] | None = None) -> dict:
     """llama-perplexity on model, writing run/scores.bin (per-token scores); returns the parsed
-    figures, the command and the time."""
+    figures, the command and the time. on_chunks(progress, seconds so far) as chunks are done."""
     cmd = perplexity_command(inp, model)
     tmp_logits = None
     if save_logits:
@@ -119,9 +121,14 @@ def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, sav
     if kld_base:
         cmd += ["--kl-divergence-base", kld_base, "--kl-divergence"]
     log = run / "perplexity.log"
+    chunks, t0 = PerplexityProgress(), time.monotonic()
+
+    def output(text):
+        if chunks.feed(text) and on_chunks:
+            on_chunks(chunks, time.monotonic() - t0)
     with open(log, "w", encoding="utf-8") as f:
         rc, seconds = run_logged(cmd, f, env={**clean_env(inp.llama_env), scores.ENV: str(run / "scores.bin")},
-                                 cwd=run)
+                                 cwd=run, on_output=output)
     if rc != 0:
         raise StepError(f"llama-perplexity exited with code {rc}: {_tail_reason(log)}", log)
     try:
@@ -191,8 +198,13 @@ def scored(inp: Inputs, v: Variant, model: Path, sdir: Path, kld_base: KldBase |
         if inp.kld and v.kind != "base" and (kld_base is None or not kld_base.logits.exists()):
             raise StepError("no KL-divergence base logits (the base variant failed)", sdir / "perplexity.log")
         step(v, "perplexity")
+
+        def chunks(progress, elapsed):  # a 7B model's chunk takes minutes: say how far it is
+            left = progress.seconds_left(elapsed)
+            step(v, f"perplexity, {progress.done}/{progress.total or '?'} chunks"
+                    + (f", ~{plan.duration(left)} left" if left is not None else ""), detail=True)
         res = score(inp, model, sdir, kld_base=kld_base.logits if kld_base and not base_logits else None,
-                    save_logits=sdir / "logits.bin" if base_logits else None)
+                    save_logits=sdir / "logits.bin" if base_logits else None, on_chunks=chunks)
         res["scored_for"] = v.name  # the variant it was measured for; others with its tensors share it
         write_json(sdir / "perplexity.json", res)
         return res
@@ -296,14 +308,15 @@ class Display:
     def __init__(self, variants: list[Variant]):
         self.n, self.i, self.times, self.t0 = len(variants), 0, [], time.monotonic()
         self.shape = None
-        self.progress = Progress(every=0)
+        self.progress = Progress(every=60)
 
-    def step(self, v: Variant, what: str) -> None:
+    def step(self, v: Variant, what: str, detail: bool = False) -> None:
+        """A new step is always shown; a detail (how far the step is) in a log at most once a minute."""
         eta = ""
         if self.times:
             left = (self.n - self.i) * sum(self.times) / len(self.times)
             eta = f"  (ETA {int(left // 60)}m{int(left % 60):02d}s)"
-        self.progress.show(f"[{self.i + 1}/{self.n}] {v.name}: {what}{eta}", force=True)
+        self.progress.show(f"[{self.i + 1}/{self.n}] {v.name}: {what}{eta}", force=not detail)
 
     def cluster(self, running: str, left: int, parallel: int) -> None:
         """What runs where (from the cluster's tasks), and an ETA for the variants left."""
@@ -314,7 +327,8 @@ class Display:
         shape = re.sub(r" \d+s\b", "", running)  # without the seconds: a log gets a line per change only
         if self.progress.tty or shape != self.shape:
             self.shape = shape
-            self.progress.show(f"[{self.i}/{self.n} done] running: {running or 'waiting for the cluster'}{eta}")
+            self.progress.show(f"[{self.i}/{self.n} done] running: {running or 'waiting for the cluster'}{eta}",
+                               force=True)
 
     def finished(self, v: Variant, row: dict, seconds: float, worked: bool) -> None:
         self.i += 1
@@ -370,9 +384,9 @@ def run_local(variants: list[Variant], inp: Inputs, keep_models: bool, display, 
         t0 = time.monotonic()
         worked = []
 
-        def step(var, what):
+        def step(var, what, detail=False):
             worked.append(what)
-            display.step(var, what)
+            display.step(var, what, detail)
         try:
             if v.name in unfit:
                 raise OrchestrateError(unfit[v.name])
