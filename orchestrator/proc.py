@@ -1,5 +1,5 @@
-"""Running llama.cpp's tools: a clean environment, merged output logged line by line as
-UTF-8, a one-line progress display, and the line that says why a tool failed."""
+"""Running llama.cpp's tools: a clean environment, merged output logged as UTF-8 as it comes,
+a one-line progress display, and the line that says why a tool failed."""
 
 import codecs
 import os
