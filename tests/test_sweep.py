@@ -279,3 +279,13 @@ def test_perplexity_chunks_are_reported_while_it_runs(fork, demo_base, tmp_path)
     # line by line, all 8 would come at once, at the end)
     assert reports[0][0] <= 4 and reports[-1] == (8, 8), reports
     assert [d for d, _ in reports] == sorted({d for d, _ in reports}), reports
+
+
+def test_quantize_reports_its_tensors_as_it_goes(fork, demo_base, tmp_path):
+    import gguf
+    from orchestrator.hooks.quantize import run_quantize
+    reports = []
+    run_quantize(fork, demo_base, tmp_path / "q.gguf", "Q8_0", progress=False,
+                 on_tensor=lambda done, total: reports.append((done, total)))
+    n = len(gguf.GGUFReader(demo_base).tensors)
+    assert reports == [(k, n) for k in range(1, n + 1)]

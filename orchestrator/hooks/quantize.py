@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .. import paths
 from ..errors import OrchestrateError
@@ -71,9 +72,10 @@ def needs_imatrix(fork: Fork, base: Path, base_id: str, qtype: str) -> bool:
 def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, pablo: bool = False, radius: int = 0,
                  table: Table | None = None, hist: Path | None = None, threads: int | None = None,
                  extra: list[str] = (), progress: bool = True, log_path: Path | None = None,
-                 env: dict[str, str] | None = None) -> dict:
+                 env: dict[str, str] | None = None, on_tensor: Callable[[int, int], None] | None = None) -> dict:
     """Quantize base -> out with the given hook settings. Nothing is left at `out` (or `hist`)
-    unless the whole run succeeded. Returns the parsed sizes, the command and the wall time."""
+    unless the whole run succeeded. Returns the parsed sizes, the command and the wall time.
+    progress: a status line of its own; on_tensor(done, total): for the caller's."""
     out, base = Path(out), Path(base)
     if not base.is_file():
         raise OrchestrateError(f"model {base} does not exist")
@@ -101,6 +103,8 @@ def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, pablo: bool = Fa
             p = quantize_progress(line)
             if bar and p:
                 bar.show(f"quantize {out.name}: tensor {p[0]}/{p[1]}")
+            if on_tensor and p:
+                on_tensor(*p)
         with open(log_path, "w", encoding="utf-8") as log:
             rc, seconds = run_logged(cmd, log, on_line, env=run_env, cwd=tmp)  # cwd: no stray ./pablo.conf
         if bar:

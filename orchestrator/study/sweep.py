@@ -143,12 +143,13 @@ def score(inp: Inputs, model: Path, run: Path, kld_base: Path | None = None, sav
     return res
 
 
-def _quantize_step(inp: Inputs, v: Variant, run: Path) -> dict:
+def _quantize_step(inp: Inputs, v: Variant, run: Path, step) -> dict:
     model = run / "model.gguf"
     try:
         res = run_quantize(inp.fork, inp.base.path, model, v.qtype, pablo=v.pablo, radius=v.radius or 0,
                            table=v.table, hist=run / "hist.json", threads=inp.threads, progress=False,
-                           log_path=run / "quantize.log", env=inp.llama_env)
+                           log_path=run / "quantize.log", env=inp.llama_env,
+                           on_tensor=lambda k, n: step(v, f"quantize, {k}/{n} tensors", detail=True))
     except OrchestrateError as e:
         raise StepError(str(e), run / "quantize.log") from None
     res["file_bytes"] = model.stat().st_size
@@ -232,7 +233,7 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | 
         needs_model = a is None or not _scored(score_dir(inp, a["tensor_key"], kld_tensors), base_logits)
         if v.kind != "base" and (not qjson.exists() or (needs_model and not model.exists())):
             step(v, "quantize")
-            write_json(qjson, _quantize_step(inp, v, run))
+            write_json(qjson, _quantize_step(inp, v, run, step))
         if a is None:
             step(v, "analyse")
             a = analyse(inp, v, model)
