@@ -40,6 +40,9 @@ def file_id(path: Path) -> str:
     except (OSError, ValueError):
         known = {}
     if key not in known:
+        if st.st_size > 1 << 30:  # minutes for a 70B model: say why nothing else happens meanwhile
+            print(f"note: reading {path.name} ({st.st_size / 1e9:.1f} GB) once to identify it (sha256)",
+                  file=sys.stderr, flush=True)
         known[key] = sha256_of(path)
         write_json(memo, known)
     return known[key]
@@ -106,7 +109,6 @@ def prepare_base(model: Path, fork: Fork) -> Base:
     if not dest.exists():
         print(f"note: {model.name} is already quantized ({label}); making an F16 upcast of it as the base "
               f"(its 'F16' results describe an upcast of a {label} model)", file=sys.stderr)
-        run_quantize(fork, model, dest, "F16", extra=["--allow-requantize"], progress=False,
-                     log_path=dest.with_suffix(".log"))
+        run_quantize(fork, model, dest, "F16", extra=["--allow-requantize"], log_path=dest.with_suffix(".log"))
     up_sha = file_id(dest)
     return Base(dest, up_sha, describe(dest, up_sha)[0], model.resolve(), sha, label)
