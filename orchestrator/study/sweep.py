@@ -315,16 +315,14 @@ class Display:
         """A new step is always shown; a detail (how far the step is) in a log at most once a minute."""
         eta = ""
         if self.times:
-            left = (self.n - self.i) * sum(self.times) / len(self.times)
-            eta = f"  (ETA {int(left // 60)}m{int(left % 60):02d}s)"
+            eta = f"  (ETA {plan.duration((self.n - self.i) * sum(self.times) / len(self.times))})"
         self.progress.show(f"[{self.i + 1}/{self.n}] {v.name}: {what}{eta}", force=not detail)
 
     def cluster(self, running: str, left: int, parallel: int) -> None:
         """What runs where (from the cluster's tasks), and an ETA for the variants left."""
         eta = ""
         if self.times:
-            s = left * sum(self.times) / len(self.times) / parallel
-            eta = f"  (ETA {int(s // 60)}m{int(s % 60):02d}s at {parallel} at a time)"
+            eta = f"  (ETA {plan.duration(left * sum(self.times) / len(self.times) / parallel)} at {parallel} at a time)"
         shape = re.sub(r" \d+s\b", "", running)  # without the seconds: a log gets a line per change only
         if self.progress.tty or shape != self.shape:
             self.shape = shape
