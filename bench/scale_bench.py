@@ -212,7 +212,9 @@ def main() -> None:
         out = tmp / "sweep"
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", "--radius", "1", "--tables", "none",
                                  "--types", "Q4_0", "--chunks", "1", "--model", str(model), "--out", str(out)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                # no runs from earlier benchmarks: a cached sweep would measure nothing
+                                env={**os.environ, "ORCHESTRATE_CACHE": str(paths.fresh_cache(tmp / "sweep-cache"))})
         stop, peak = threading.Event(), {"RssAnon": 0, "RssFile": 0}
         watcher = threading.Thread(target=peak_rss_kib, args=(proc.pid, stop, peak))
         watcher.start()
