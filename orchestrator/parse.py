@@ -12,6 +12,7 @@ from .errors import OrchestrateError
 
 NUM = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf|-nan|-inf))"
 PM = r"\s*(?:±|\+/-)\s*"
+CHUNK = r"\[(\d+)\]" + NUM + ","  # llama-perplexity's running estimate after chunk k: "[k]ppl,"
 
 
 class ParseError(OrchestrateError):
@@ -42,7 +43,7 @@ def parse_perplexity(text: str) -> dict:
     if not math.isfinite(out["ppl"]):
         raise ParseError(f"llama-perplexity's final estimate is not finite ({out['ppl']})")
 
-    chunks = [(int(i), _f(v)) for i, v in re.findall(r"\[(\d+)\]" + NUM + r",", text)]
+    chunks = [(int(i), _f(v)) for i, v in re.findall(CHUNK, text)]
     if not chunks:  # KL-divergence table rows: "   3     43.87 ±   3.07  ..."
         chunks = [(int(i), _f(v)) for i, v, _ in re.findall(r"(?m)^\s*(\d+)\s+" + NUM + PM + NUM, text)]
     out["chunks"] = [v for _, v in sorted(dict(chunks).items())]
@@ -74,7 +75,7 @@ class PerplexityProgress:
         self._tail = s[-self.TAIL:]
         if self.total is None and (m := re.search(r"over (\d+) chunks.*?(?:n_seq\s*=\s*(\d+))?\n", s)):
             self.total, self.per_pass = int(m.group(1)), int(m.group(2) or 1)
-        seen = [int(k) for k, _ in re.findall(r"\[(\d+)\]" + NUM + ",", s)]
+        seen = [int(k) for k, _ in re.findall(CHUNK, s)]
         # a row after a newline: the kept tail starts anywhere, maybe inside a row
         seen += [int(k) for k, _, _ in re.findall(r"\n[ \t]*(\d+)[ \t]+" + NUM + PM + NUM, s)]
         done = max(seen, default=0)

@@ -43,9 +43,10 @@ def run_logged(cmd: list[str], log, on_line: Callable[[str], None] | None = None
                 log.flush()  # a log that is watched (or left by a killed run) is up to date
                 if on_output:
                     on_output(text)
-                *whole, line = (line + text).split("\n")
-                for w in whole if on_line else ():
-                    on_line(w + "\n")
+                if on_line:  # (a line is kept back only for it)
+                    *whole, line = (line + text).split("\n")
+                    for w in whole:
+                        on_line(w + "\n")
             if not data:
                 break
         if line and on_line:
