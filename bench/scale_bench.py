@@ -5,7 +5,9 @@ Makes, once, a synthetic F16 GGUF with the shapes of Llama-2-7B (llama architect
 package's writer: 13.5 GB, cached under <cache>/bench), and prints, measured in this run:
 
 - llama-quantize with the hooks measuring (histograms + error sums) / hooks off, Q4_0 and Q8_0,
-  PAIRS alternating pairs each (target <= 1.03);
+  BENCH_PAIRS (default 5) alternating pairs each (target <= 1.03): the median and the spread of the
+  ratios, and the CPU seconds the hooks added (the steadiest figure on a shared machine, where one
+  pair's wall ratio can be off by 0.05);
 - the Python work per variant in a one-chunk sweep of the model (analysis + bookkeeping: the
   sweep's wall time outside llama-* processes) / llama-quantize's wall time (target <= 0.10);
 - the peak anonymous memory of that sweep's orchestrate process (target <= 1 GiB), and the peak of
@@ -124,7 +126,7 @@ def timed(cmd, env=None, cpu: list | None = None) -> float:
     return time.monotonic() - t0
 
 
-PAIRS = 3
+PAIRS = int(os.environ.get("BENCH_PAIRS", "5"))
 
 
 def peak_rss_kib(pid: int, stop: threading.Event, peak: dict) -> None:
@@ -173,7 +175,7 @@ def main() -> None:
             # one run unmeasured: a type's first run was 10-15% slower than the next ones, whichever it was
             timed([quantize, model, tmp / "warm.gguf", qtype, threads], quiet)
             (tmp / "warm.gguf").unlink()
-            ratios, cpu_ratios = [], []
+            ratios, cpu_ratios, added = [], [], []
             for i in range(PAIRS):  # alternating, the order swapped each time
                 runs = [("off", {**quiet}), ("on", {**quiet, "PABLO_CONF": str(conf)})]
                 secs, cpu = {}, {}
@@ -183,11 +185,13 @@ def main() -> None:
                     (tmp / f"{k}.gguf").unlink()  # two 7 GB outputs would push the model out of the page cache
                 ratios.append(secs["on"] / secs["off"])
                 cpu_ratios.append(cpu["on"][0] / cpu["off"][0])
+                added.append(cpu["on"][0] - cpu["off"][0])
                 print(f"llama-quantize {qtype} pair {i + 1}: hooks off {secs['off']:6.1f} s ({cpu['off'][0]:.1f} s CPU), "
                       f"histograms + error sums {secs['on']:6.1f} s ({cpu['on'][0]:.1f} s CPU): ratio {ratios[-1]:.3f} "
                       f"(CPU {cpu_ratios[-1]:.3f})", flush=True)
             print(f"llama-quantize {qtype}: median ratio {statistics.median(ratios):.3f} over {PAIRS} pairs "
-                  f"(target <= 1.03); CPU time {statistics.median(cpu_ratios):.3f}", flush=True)
+                  f"({min(ratios):.3f}-{max(ratios):.3f}; target <= 1.03); CPU time {statistics.median(cpu_ratios):.3f}, "
+                  f"{statistics.median(added):+.1f} s CPU with the hooks (median)", flush=True)
         if os.environ.get("BENCH_ONLY_HOOKS"):
             return
         timed([quantize, model, tmp / "q4_0.gguf", "Q4_0", threads], quiet)
