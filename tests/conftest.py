@@ -1,4 +1,7 @@
+import ctypes.util
+import glob
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +10,53 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+# .ci/run sets this: there every optional part is installed, so a test that would skip for want of
+# one fails instead (nothing is silently skipped in CI).
+REQUIRE_OPTIONAL = "ORCHESTRATE_REQUIRE_OPTIONAL"
+
+
+def optional(part: str, missing: str | None, install: str) -> None:
+    """Skip (or, under REQUIRE_OPTIONAL, fail) a test that needs an optional part which is missing:
+    missing says what is absent (None: present), install how to get it."""
+    if missing is None:
+        return
+    message = f"{part}: {missing} (install: {install})"
+    if os.environ.get(REQUIRE_OPTIONAL) == "1":
+        pytest.fail(f"{message}; {REQUIRE_OPTIONAL}=1 makes this a failure")
+    pytest.skip(message)
+
+
+def openblas_missing() -> str | None:
+    """Why a BLAS build of the fork cannot be made here (None when OpenBLAS's library and headers are present)."""
+    if ctypes.util.find_library("openblas") is None:
+        return "the OpenBLAS library is not installed"
+    if not glob.glob("/usr/include/**/cblas.h", recursive=True) + glob.glob("/usr/local/include/**/cblas.h",
+                                                                            recursive=True):
+        return "OpenBLAS's headers (cblas.h) are not installed"
+    return None
+
+
+def need_openblas() -> None:
+    optional("the BLAS backend", openblas_missing(), "apt-get install libopenblas-dev")
+
+
+def need_ray() -> None:
+    try:
+        import ray  # noqa: F401
+        missing = None
+    except ImportError:
+        missing = "Ray is not installed"
+    optional("the Ray executor", missing, "pip install -e '.[ray]'")
+
+
+def need_root(why: str) -> None:
+    optional(why, None if os.geteuid() == 0 else "not running as root", "run the tests as root (CI does)")
+
+
+def need_tool(name: str, package: str) -> None:
+    optional(name, None if shutil.which(name) else f"{name} is not on PATH", f"apt-get install {package}")
 
 
 def git(cwd, *args):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import orchestrate
+from conftest import need_openblas, orchestrate
 from orchestrator.fork import build
 
 SMALL = ["--radius", "1", "--types", "Q4_0,Q8_0", "--tables", "none", "--chunks", "4", "--threads", "2"]
@@ -15,6 +15,7 @@ SMALL = ["--radius", "1", "--types", "Q4_0,Q8_0", "--tables", "none", "--chunks"
 
 @pytest.fixture(scope="module")
 def blas(fork):
+    need_openblas()
     res = orchestrate("build", "--backend", "blas")
     assert res.returncode == 0, res.stderr[-3000:]
     return build.current("blas")

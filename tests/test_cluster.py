@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import orchestrate
+from conftest import need_ray, need_root, need_tool, orchestrate
 from orchestrator.paths import fresh_cache
 
 SMALL = ["--radius", "1", "--types", "Q4_0", "--tables", "basic", "--chunks", "2", "--ctx", "128", "--threads", "1"]
@@ -27,9 +27,11 @@ PORT = 6399
 @pytest.fixture(scope="module")
 def cluster(fork, demo_base, demo_text, tmp_path_factory):
     """A Ray head node with 2 CPUs on 127.0.0.1:6399 in its own network namespace."""
-    pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
-    if os.geteuid() != 0 and not os.environ.get("CI"):
-        pytest.skip("the cluster tests make network and mount namespaces: run them as root (CI does)")
+    need_ray()
+    need_root("the cluster tests make network and mount namespaces")
+    need_tool("unshare", "util-linux")
+    need_tool("nsenter", "util-linux")
+    need_tool("ip", "iproute2")
     d = tmp_path_factory.mktemp("cluster")
     hidden = d / "hidden"
     hidden.mkdir()

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import orchestrate
+from conftest import need_root, orchestrate
 from orchestrator.paths import fresh_cache
 
 TINY = ["--radius", "none", "--tables", "none", "--types", "Q8_0", "--chunks", "2", "--ctx", "128", "--threads", "2"]
@@ -56,8 +56,7 @@ def test_perplexity_rates_come_from_models_of_about_the_same_size():
 
 
 def test_a_sweep_that_will_not_fit_refuses_to_start(fork, demo_base, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs as the cache's disk")
+    need_root("mounting a small tmpfs as the cache's disk")
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "none", str(small)], check=True)

@@ -2,11 +2,11 @@
 
 import hashlib
 import os
-import shutil
 import subprocess
 
 import pytest
 
+from conftest import need_tool, optional
 from orchestrator import stream
 from orchestrator.fetch import sha256_of
 
@@ -38,13 +38,12 @@ def cache_first_half(path) -> None:
 
 @pytest.fixture
 def big(tmp_path):
-    if shutil.which("fincore") is None:
-        pytest.skip("fincore (util-linux) is not installed")
+    need_tool("fincore", "util-linux")
     path = tmp_path / "big.bin"
     path.write_bytes(os.urandom(64 * MIB))
     evict(path)
-    if cached_bytes(path) > MIB:
-        pytest.skip(f"this file system keeps {path} cached whatever is asked (tmpfs?)")
+    optional("page-cache measurements", f"this file system keeps {path} cached whatever is asked (tmpfs?)"
+             if cached_bytes(path) > MIB else None, "point TMPDIR at a directory on a disk, not tmpfs")
     return path
 
 
