@@ -11,6 +11,7 @@ import datetime
 import functools
 import json
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -305,9 +306,12 @@ def conf_check(files):
 def quantize(base, out, qtype, mode, radius, table, hist, threads, llama_env, extra):
     """Quantize BASE to OUT as TYPE (any llama-quantize type) with the fork's hooks. Extra
     llama-quantize arguments go after `--`."""
+    from .files import check_input_file, refuse_overwrite
     from .hooks.conf import table_arg
     from .hooks.quantize import canonical_type, needs_imatrix, run_quantize
     from .study.base import prepare_base
+    refuse_overwrite({"output": out, "histogram file": hist, "log": out.with_name(out.name + ".log")},
+                     {"model": check_input_file(base, "model")})
     pablo = mode == "pablo" or (mode is None and (radius > 0 or table is not None))
     tbl = table_arg(table) if table else None
     fork = build_mod.current()
@@ -464,11 +468,12 @@ def tables():
 @click.option("--threads", type=click.IntRange(1), default=None)
 def tables_fit(base, out, threads):
     """Fit balanced-fit and optimal tables to BASE's own Q8_0 value distribution."""
-    from .files import check_writable
+    from .files import check_input_file, check_writable, refuse_overwrite
     from .hooks.conf import load_table
     from .hooks.tables import FITTED, code_masses, expected_sq_error, fit, measured_histogram, write_table
     from .study.base import prepare_base
     for name in FITTED:
+        refuse_overwrite({"table file": out / f"{base.stem}-{name}.table"}, {"model": check_input_file(base, "model")})
         check_writable(out / f"{base.stem}-{name}.table", "table file")
     fork = build_mod.build(quiet=True)
     b = prepare_base(base, fork)
@@ -486,10 +491,16 @@ def tables_fit(base, out, threads):
 
 def _say(message: str) -> None:
     """One line on stderr, bytes as they came (a config file's bytes are shown as the C reader shows them)."""
-    line = " ".join(str(message).split())
-    sys.stderr.flush()
-    sys.stderr.buffer.write(f"error: {line}\n".encode("utf-8", "surrogateescape"))
-    sys.stderr.flush()
+    line = f"error: {' '.join(str(message).split())}\n"
+    try:
+        data = line.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        data = line.encode("utf-8", "backslashreplace")
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os.write(2, data)
 
 
 def _trace_log(exc: BaseException) -> Path:
@@ -499,22 +510,46 @@ def _trace_log(exc: BaseException) -> Path:
             d.mkdir(parents=True, exist_ok=True)
             log = d / f"orchestrate-{stamp}-{os.getpid()}.log"
             log.write_text(f"$ orchestrate {' '.join(sys.argv[1:])}\n" + "".join(traceback.format_exception(exc)),
-                           encoding="utf-8")
+                           encoding="utf-8", errors="backslashreplace")  # argv may hold undecodable bytes
             return log
-        except OSError:
+        except (OSError, ValueError):
             continue
     return Path("(no writable place for a log)")
 
 
+_received: list[int] = []
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so every temporary file and lock is cleaned up."""
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    try:
+        _main(argv)
+    except SystemExit:
+        raise
+    except BaseException as e:  # the handler itself failed: still one line, if stderr takes it, and exit 1
+        try:
+            os.write(2, f"error: {type(e).__name__} while reporting an error\n".encode("ascii", "replace"))
+        finally:
+            os._exit(1)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         rc = cli.main(args=argv, prog_name="orchestrate", standalone_mode=False)
     except OrchestrateError as e:
         _say(e)
         sys.exit(1)
     except click.exceptions.Abort:
-        _say("interrupted; run the same command again to resume")
-        sys.exit(130)
+        sig = _received[-1] if _received else signal.SIGINT
+        _say(f"interrupted ({signal.Signals(sig).name}); run the same command again to resume")
+        sys.exit(128 + sig)
     except click.ClickException as e:  # usage errors: one line, click's exit code
         _say(e.format_message())
         sys.exit(e.exit_code)

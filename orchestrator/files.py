@@ -8,6 +8,8 @@ file and nothing half-written is left behind.
 
 import json
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -52,6 +54,70 @@ def check_writable(path: Path, what: str) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OrchestrateError(f"{what} {path}: {parent} is not writable")
     return path
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def check_input_file(path: Path, what: str) -> Path:
+    """`path` as a regular file that can be read, or a one-line error that says what it is instead
+    (missing, a directory, a FIFO, a device, a symlink loop, unreadable)."""
+    from .errors import OrchestrateError
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        dangling = path.is_symlink()
+        raise OrchestrateError(f"{what} {path} " + ("is a symlink to nothing" if dangling else "does not exist")) from None
+    except OSError as e:  # ELOOP, ENAMETOOLONG, EACCES on a parent, ...
+        raise OrchestrateError(f"{what} {path}: {e.strerror}") from None
+    for test, kind in _KINDS:
+        if test(mode):
+            raise OrchestrateError(f"{what} {path} is {kind}, not a regular file")
+    if not os.access(path, os.R_OK):
+        raise OrchestrateError(f"{what} {path} is not readable (permission denied)")
+    return path
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True when a and b are one file: the same path once resolved, or the same device and inode
+    (a symlink or a hard link to it)."""
+    try:
+        if Path(a).resolve() == Path(b).resolve():
+            return True
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): only the resolved paths could tell
+        return False
+
+
+def refuse_overwrite(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    """Fail in one line, before anything runs, when an output is one of the inputs (or two outputs
+    are one file): no command writes over a file it reads."""
+    from .errors import OrchestrateError
+    outs = [(w, Path(p)) for w, p in outputs.items() if p is not None]
+    for what, out in outs:
+        for src_what, src in inputs.items():
+            if src is not None and same_file(out, src):
+                raise OrchestrateError(f"the {what} {out} is the {src_what} {src}: it would be overwritten; "
+                                       "give another output path")
+    for i, (what, out) in enumerate(outs):
+        for other, path in outs[i + 1:]:
+            if same_file(out, path):
+                raise OrchestrateError(f"the {what} and the {other} are one file ({out}); give two paths")
+
+
+# A name that becomes one path component under an output directory or the cache: nothing that climbs
+# out of it (/, ..), hides (a leading dot), reads as an option (a leading dash) or breaks a line.
+SAFE_NAME = re.compile(r"[^/\x00-\x1f\x7f.\-][^/\x00-\x1f\x7f]{0,99}")
+
+
+def check_name(name: str, what: str) -> str:
+    from .errors import OrchestrateError
+    if not SAFE_NAME.fullmatch(name):
+        raise OrchestrateError(f"{what} {name!r} cannot name a file: 1-100 characters without '/' or control "
+                               "characters, not starting with '.' or '-'")
+    return name
 
 
 def read_text(path: Path) -> str:

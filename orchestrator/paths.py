@@ -50,10 +50,10 @@ CACHE_FACTS = ("downloads", "demo", "bases", "model-ids.json", "model-types", "m
                "imatrix-check", "q8_0-hist")
 
 
-def fresh_cache(root: Path) -> Path:
-    """A run cache at root with no runs, sharing the user's cache's CACHE_FACTS (symlinked)."""
+def fresh_cache(root: Path, facts: tuple[str, ...] = CACHE_FACTS) -> Path:
+    """A run cache at root with no runs, sharing the user's cache's facts (symlinked)."""
     root.mkdir(parents=True, exist_ok=True)
-    for sub in CACHE_FACTS:
+    for sub in facts:
         if (cache_dir() / sub).exists():
             (root / sub).symlink_to(cache_dir() / sub)
     return root

@@ -4,9 +4,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from orchestrator import paths
 
 REPO = Path(__file__).resolve().parent.parent
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
@@ -57,6 +60,30 @@ def need_root(why: str) -> None:
 
 def need_tool(name: str, package: str) -> None:
     optional(name, None if shutil.which(name) else f"{name} is not on PATH", f"apt-get install {package}")
+
+
+# What the test session shares with the user's cache: facts about files that no Python change alters
+# (downloads, the demo files and their upcast base, hashes and header types, what the fork's tools
+# say). Not the base's scan, which our own analysis code computes.
+TEST_FACTS = tuple(f for f in paths.CACHE_FACTS if f != "model-scans")
+
+
+def pytest_configure(config):
+    """The whole session runs in a run cache of its own: no test reads a result that an earlier
+    version of the code left in the user's cache."""
+    user = paths.cache_dir()
+    for sub in TEST_FACTS:  # made now, so that what the session learns is kept for the next one
+        if not sub.endswith(".json"):
+            (user / sub).mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="orchestrate-tests-"))
+    config._orchestrate_cache = root
+    os.environ["ORCHESTRATE_CACHE"] = str(paths.fresh_cache(root / "cache", TEST_FACTS))
+
+
+def pytest_unconfigure(config):
+    root = getattr(config, "_orchestrate_cache", None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def git(cwd, *args):
@@ -131,12 +158,14 @@ def q(fork, demo_base, tmp_path_factory):
     made = {}
 
     def run(name, qtype, hist=True, **kw):
-        if name not in made:
-            out, h = d / f"{name}.gguf", (d / f"{name}.json" if hist else None)
+        key = (qtype, hist, repr(sorted(kw.items())))  # everything that makes the model, not just its name
+        if key not in made:
+            stem = f"{name}-{len(made)}"
+            out, h = d / f"{stem}.gguf", (d / f"{stem}.json" if hist else None)
             from orchestrator.hooks.quantize import run_quantize
             run_quantize(fork, demo_base, out, qtype, hist=h, progress=False, **kw)
-            made[name] = (out, h)
-        return made[name]
+            made[key] = (out, h)
+        return made[key]
     return run
 
 

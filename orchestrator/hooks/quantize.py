@@ -6,6 +6,9 @@ llama-quantize itself does. Whether a type needs an importance matrix is asked o
 llama-quantize too (`--dry-run`, which writes nothing), per base model.
 """
 
+import contextlib
+import fcntl
+import glob
 import os
 import re
 import shutil
@@ -16,7 +19,7 @@ from typing import Callable
 
 from .. import paths
 from ..errors import OrchestrateError
-from ..files import check_writable, read_json, read_text, write_json
+from ..files import check_input_file, check_writable, read_json, read_text, refuse_overwrite, write_json
 from ..fork.build import Fork
 from ..parse import parse_quantize, quantize_progress
 from ..proc import Progress, clean_env, failure_reason, run_logged
@@ -69,6 +72,39 @@ def needs_imatrix(fork: Fork, base: Path, base_id: str, qtype: str) -> bool:
     return need
 
 
+def _clear_stale(out: Path) -> None:
+    """Remove the work directories that killed runs for this output left (a live run holds a lock on
+    its own, so it is never touched)."""
+    for d in out.parent.glob(f".quantize-{glob.escape(out.name)}-*"):
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # held: another run is writing this output now
+            raise OrchestrateError(f"another quantization is writing {out} now ({d}); wait for it or choose "
+                                   "another output") from None
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def work_dir(out: Path):
+    """A temporary directory beside out, locked while this run uses it and removed after, whatever
+    happens; one left by a killed run (kill -9) is removed by the next run for the same output."""
+    _clear_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".quantize-{out.name}-", dir=out.parent))
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
 def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, pablo: bool = False, radius: int = 0,
                  table: Table | None = None, hist: Path | None = None, threads: int | None = None,
                  extra: list[str] = (), progress: bool = True, log_path: Path | None = None,
@@ -76,21 +112,19 @@ def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, pablo: bool = Fa
     """Quantize base -> out with the given hook settings. Nothing is left at `out` (or `hist`)
     unless the whole run succeeded. Returns the parsed sizes, the command and the wall time.
     progress: a status line of its own; on_tensor(done, total): for the caller's."""
-    out, base = Path(out), Path(base)
-    if not base.is_file():
-        raise OrchestrateError(f"model {base} does not exist")
+    out, base = Path(out), check_input_file(base, "model")
     if table is not None and not pablo:
         raise OrchestrateError("a translation table takes effect only in pablo mode (--mode pablo)")
     if radius and not pablo:
         raise OrchestrateError("a radius takes effect only in pablo mode (--mode pablo)")
+    log_path = Path(log_path or out.with_name(out.name + ".log"))
+    refuse_overwrite({"output": out, "histogram file": hist, "log": log_path}, {"model": base})
     check_writable(out, "output")
     if hist:
         check_writable(hist, "histogram file")
     out.parent.mkdir(parents=True, exist_ok=True)
-    log_path = Path(log_path or out.with_name(out.name + ".log"))
     threads = threads or os.cpu_count() or 1
-    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out.parent) as tmp:
-        tmp = Path(tmp)
+    with work_dir(out) as tmp:
         tmp_out, tmp_hist = tmp / out.name, tmp / "hist.json"
         run_env = clean_env(env)
         if pablo or hist:

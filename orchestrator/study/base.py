@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import paths
 from ..errors import OrchestrateError
 from ..fetch import sha256_of
-from ..files import read_json, write_json
+from ..files import check_input_file, read_json, write_json
 from ..fork.build import Fork
 from ..hooks.quantize import run_quantize
 from . import analysis
@@ -93,10 +93,7 @@ def needs_upcast(model: Path) -> bool:
 
 def prepare_base(model: Path, fork: Fork) -> Base:
     """The model itself if its weights are float; else its F16 upcast, made once and cached."""
-    model = Path(model)
-    if not model.is_file():
-        raise OrchestrateError(f"model {model} " + ("is a directory, not a GGUF file" if model.is_dir()
-                                                     else "does not exist"))
+    model = check_input_file(model, "model")
     sha = file_id(model)
     types, ftype = describe(model, sha)
     quantized = quantized_types(types)

@@ -9,10 +9,10 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
-
 from .. import paths
+from ..documents import load_yaml
 from ..errors import OrchestrateError
+from ..files import check_name
 from ..hooks.conf import Table, table_arg
 from ..hooks.tables import FITTED
 
@@ -101,19 +101,15 @@ def parse_list(text: str) -> list[str]:
 
 def load_experiment(path: Path | None = None) -> Experiment:
     path = Path(path or default_file()).expanduser()
-    if path.is_dir():
-        raise OrchestrateError(f"experiment {path} is a directory, not a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise OrchestrateError(f"cannot read experiment {path}: {e.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise OrchestrateError(f"experiment {path} is not valid UTF-8 YAML: {' '.join(str(e).split())}") from None
+    data = load_yaml(path, "experiment")
     if not isinstance(data, dict):
         raise OrchestrateError(f"{path}: an experiment is a mapping of {', '.join(sorted(KEYS))}")
     unknown = set(data) - KEYS
     if unknown:
         raise OrchestrateError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(KEYS))})")
+    for key in ("name", "description"):  # free text: a string, or absent
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise OrchestrateError(f"{path}: {key} must be a string")
     ppl = data.get("perplexity") or {}
     if not isinstance(ppl, dict) or set(ppl) - PPL_KEYS:
         raise OrchestrateError(f"{path}: perplexity takes {', '.join(sorted(PPL_KEYS))}")
@@ -130,9 +126,9 @@ def load_experiment(path: Path | None = None) -> Experiment:
         if key in ppl and (not isinstance(ppl[key], int) or ppl[key] < (16 if key == "ctx" else 0)):
             raise OrchestrateError(f"{path}: perplexity.{key} must be a whole number"
                                    + (" >= 16" if key == "ctx" else " >= 0"))
-    exp = Experiment(name=str(data.get("name") or path.stem), types=[t.upper() for t in str_list("types")],
+    exp = Experiment(name=check_name(data.get("name") or path.stem, f"{path}: experiment name"), types=[t.upper() for t in str_list("types")],
                      tables=str_list("tables"), radius=sorted(set(radius)), ctx=ppl.get("ctx", 512),
-                     chunks=ppl.get("chunks", 20), description=str(data.get("description") or "").strip(),
+                     chunks=ppl.get("chunks", 20), description=(data.get("description") or "").strip(),
                      table_dir=path.resolve().parent)
     exp.variants()  # resolves the tables now: a bad name is an error before any work starts
     return exp

@@ -27,7 +27,7 @@ import filelock
 
 from .. import paths, results
 from ..errors import OrchestrateError
-from ..files import read_json, read_text, write_atomic, write_json
+from ..files import check_input_file, read_json, read_text, write_atomic, write_json
 from ..fork.build import Fork
 from ..hooks.quantize import run_quantize
 from ..parse import PerplexityProgress, parse_perplexity
@@ -494,14 +494,10 @@ def _gpu_layers(fork: Fork, asked: int | None) -> int | None:
 def _inputs(model: Path | None, text: Path | None) -> tuple[Path, Path]:
     """The model and text a sweep uses (the demo's by default), checked to be files."""
     from .. import demo
-    model = Path(model) if model else demo.demo_model()
-    text = Path(text) if text else demo.demo_text()
-    for what, path in (("model", model), ("text", text)):
-        if path.is_dir():
-            raise OrchestrateError(f"{what} {path} is a directory, not a file")
-        if not path.is_file():
-            raise OrchestrateError(f"{what} {path} does not exist")
-    return model, text
+    for what, given in (("model", model), ("text", text)):  # the user's, before fetching any default
+        if given:
+            check_input_file(given, what)
+    return (check_input_file(model or demo.demo_model(), "model"), check_input_file(text or demo.demo_text(), "text"))
 
 
 def _chunks(inp: Inputs) -> int:
