@@ -61,6 +61,54 @@ def test_paired_error_and_bootstrap_interval_have_their_nominal_coverage():
     assert np.mean(unpaired) > 3 * np.sqrt(true_var)
 
 
+def coverage(n_chunks: int, sims: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(sims):
+        a, b, _ = simulate(rng, n_chunks, 32, 0.05)
+        c = paired.compare(a, b, draws=1000)
+        hits += c["lo"] <= 0.05 <= c["hi"]
+    return hits / sims
+
+
+def test_intervals_start_at_the_fewest_chunks_that_keep_their_coverage():
+    """The expanded bootstrap interval covers within two points of 95% from MIN_CHUNKS on; over
+    fewer chunks (where the same interval would cover far less) none is given."""
+    assert coverage(paired.MIN_CHUNKS, 1500, 11) >= 0.93
+    assert coverage(20, 1000, 12) >= 0.93
+    # below the threshold the interval would be too narrow: shown with the level it would have had
+    rng = np.random.default_rng(13)
+    hits = 0
+    for _ in range(1500):
+        a, b, _ = simulate(rng, 4, 32, 0.05)
+        means = (a.arrays["nll"].astype(np.float64) - b.arrays["nll"]).mean(axis=1)
+        boot = paired.bootstrap_means(means[:, None], 1000, int(rng.integers(1 << 31)))[:, 0]
+        half = paired.expanded_alpha(4) / 2
+        lo, hi = np.quantile(boot, [half, 1 - half])
+        hits += lo <= 0.05 <= hi
+    assert hits / 1500 < 0.93
+
+
+def test_too_few_chunks_give_no_interval_verdict_or_group_and_never_nan():
+    rng = np.random.default_rng(3)
+    a, b, _ = simulate(rng, 1, 40, 0.2)
+    c = paired.compare(a, b)
+    assert c["lo"] is None and c["hi"] is None and c["se"] is None and "at least 8" in c["unavailable"]
+    assert not paired.distinguishable(c)
+    lines = paired.report_pair("a", "b", a, b)
+    text = "\n".join(lines)
+    assert "nan" not in text.lower() and "no verdict: 1 chunk scored" in text and "worse" not in text
+    few = {n: make(simulate(rng, paired.MIN_CHUNKS - 1, 20, mu)[0].arrays["nll"]) for n, mu in (("x", 0), ("y", 1))}
+    st = paired.study(few, "x", None)
+    assert st["groups"] is None and "7 chunks scored" in st["unavailable"] and st["vs_base"]["y"]["lo"] is None
+
+
+def test_student_t_quantiles_match_the_printed_tables():
+    # two-sided 95% critical values from printed t tables
+    for df, t in ((1, 12.706), (2, 4.303), (5, 2.571), (7, 2.365), (19, 2.093), (60, 2.000)):
+        assert paired.t_quantile(0.975, df) == pytest.approx(t, abs=6e-4)
+
+
 def test_mean_difference_is_the_log_perplexity_ratio():
     rng = np.random.default_rng(1)
     a, b, _ = simulate(rng, 12, 50, 0.2)
@@ -82,6 +130,10 @@ def test_shift_and_swap(values, shift):
     xs = (x.astype(np.float64) + shift).astype(np.float32)
     base, moved, swapped = (paired.compare(make(p), make(q), draws=500) for p, q in ((x, y), (xs, y), (y, x)))
     actual = float(np.mean(xs.astype(np.float64) - x.astype(np.float64)))  # the shift after float32 rounding
+    if len(x) < paired.MIN_CHUNKS:  # no interval at all, for any of them
+        assert all(c["lo"] is None and c["hi"] is None for c in (base, moved, swapped))
+        assert moved["mean"] == pytest.approx(base["mean"] + actual, abs=1e-6)
+        return
     for k in ("mean", "lo", "hi"):
         assert moved[k] == pytest.approx(base[k] + actual, abs=1e-6)
     assert moved["se"] == pytest.approx(base["se"], abs=1e-6)

@@ -273,12 +273,17 @@ def fig_forest(doc, out: Path) -> str | None:
         for i, n in enumerate(names):
             if n in comparisons:
                 c = pick(comparisons[n])
+                if c["lo"] is None:  # too few chunks: the mean alone, hollow
+                    ax.plot(c["mean"], i, "o", mfc="none", color="0.4", ms=4)
+                    continue
                 apart = not (c["lo"] <= 0 <= c["hi"])
                 ax.errorbar(c["mean"], i, xerr=[[c["mean"] - c["lo"]], [c["hi"] - c["mean"]]], fmt="o",
                             color="C3" if apart and c["mean"] > 0 else "C2" if apart else "0.4", capsize=3, ms=4)
         ax.axvline(0, color="k", lw=1)
         ax.set_title(title, fontsize=10)
-        widest = max(max(abs(pick(c)["lo"]), abs(pick(c)["hi"])) for c in comparisons.values())
+        widest = max(max(abs(pick(c)["lo"] if pick(c)["lo"] is not None else pick(c)["mean"]),
+                         abs(pick(c)["hi"] if pick(c)["hi"] is not None else pick(c)["mean"]))
+                     for c in comparisons.values())
         scale = ""
         if widest > 2:  # a broken variant far out would squeeze the close ones onto the zero line
             ax.set_xscale("symlog", linthresh=0.1)
@@ -288,8 +293,10 @@ def fig_forest(doc, out: Path) -> str | None:
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(y, names)
     axes[0][0].set_ylim(-0.6, len(names) - 0.4)
-    fig.suptitle(f"Paired differences with {pr['confidence']:.0%} bootstrap intervals over chunks "
-                 "(right of 0: worse; grey: cannot be told apart)\n" + _subtitle(doc), fontsize=9)
+    what = (f"Paired differences: NO INTERVALS ({pr['unavailable']}; hollow: the mean alone)" if pr.get("unavailable")
+            else f"Paired differences with {pr['confidence']:.0%} bootstrap intervals over chunks "
+                 "(right of 0: worse; grey: cannot be told apart)")
+    fig.suptitle(what + "\n" + _subtitle(doc), fontsize=9)
     return _save(fig, out, "paired_forest")
 
 

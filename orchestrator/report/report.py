@@ -130,10 +130,14 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
 
 
 def _ci(c: dict, scale: float = 1, fmt: str = "+.4f") -> str:
+    if c["lo"] is None:  # too few chunks for an interval
+        return f"{scale * c['mean']:{fmt}} (no interval)"
     return f"{scale * c['mean']:{fmt}} [{scale * c['lo']:{fmt}}, {scale * c['hi']:{fmt}}]"
 
 
 def _ratio(c: dict) -> str:
+    if c["lo"] is None:
+        return f"{fmt_ppl(math.exp(c['mean']))} (no interval)"
     return f"{fmt_ppl(math.exp(c['mean']))} [{fmt_ppl(math.exp(c['lo']))}, {fmt_ppl(math.exp(c['hi']))}]"
 
 
@@ -144,11 +148,17 @@ def render_paired(doc: dict) -> list[str]:
     if "error" in pr or not pr.get("ranking"):
         return lines + [f"Not available: {pr.get('error', 'no variant was scored')}", ""]
     conf = f"{pr['confidence']:.0%}"
+    if pr.get("unavailable"):
+        lines += [f"**No intervals, verdicts or groups: {pr['unavailable']}.** Over fewer chunks a bootstrap "
+                  "interval covers the true difference far less often than it claims; the mean differences "
+                  "below are shown without one.", ""]
     lines += [f"Each variant is compared token by token with the base and with the reference "
               f"(`{pr['reference'] or 'none'}`) on the same scored tokens: the mean difference of negative "
               f"log-likelihood, which is ln(PPL ratio), with its {conf} interval from a bootstrap over chunks "
               f"({pr['draws']} draws; chunks, not tokens, are the independent units), and the same as a "
-              "perplexity ratio. An interval that excludes 0 (ratio 1) is a difference this text can tell.", ""]
+              "perplexity ratio. An interval that excludes 0 (ratio 1) is a difference this text can tell. "
+              "(The interval is the expanded percentile bootstrap, which widens the plain one as Student's t "
+              "would for few chunks.)", ""]
     head = "| variant | ln(PPL / PPL base) | PPL / PPL base | ln(PPL / PPL ref) | PPL / PPL ref |"
     kld = any("kld" in c for c in pr["vs_reference"].values())
     if kld:
@@ -165,6 +175,9 @@ def render_paired(doc: dict) -> list[str]:
                      f"{_ci(vr['kld'], fmt='+.5f') if vr and 'kld' in vr else '–'} | "
                      f"{_ci(vr['top'], 100, '+.2f') if vr and 'top' in vr else '–'} |")
         lines.append(line)
+    if pr["groups"] is None:
+        return lines + ["", "**Ranking** (lowest perplexity first): " + ", ".join(f"`{n}`" for n in pr["ranking"])
+                        + " (no groups: too few chunks to tell variants apart)", ""]
     letters = {}
     for i, group in enumerate(pr["groups"]):
         for name in group:
