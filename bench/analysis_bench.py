@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator import demo  # noqa: E402
 from orchestrator.fork import build  # noqa: E402
-from orchestrator.hooks.quantize import run_quantize  # noqa: E402
+from orchestrator.tools.quantize import run_quantize  # noqa: E402
 from orchestrator.study import analysis, stats  # noqa: E402
 from orchestrator.study.base import prepare_base  # noqa: E402
 

@@ -307,20 +307,20 @@ def quantize(base, out, qtype, mode, radius, table, hist, threads, llama_env, ex
     """Quantize BASE to OUT as TYPE (any llama-quantize type) with the fork's hooks. Extra
     llama-quantize arguments go after `--`."""
     from .files import check_input_file, refuse_overwrite
-    from .hooks.conf import table_arg
-    from .hooks.quantize import canonical_type, needs_imatrix, run_quantize
+    from .hooks.conf import Hooks, table_arg
+    from .tools.quantize import canonical_type, needs_imatrix, run_quantize
     from .study.base import prepare_base
     refuse_overwrite({"output": out, "histogram file": hist, "log": out.with_name(out.name + ".log")},
                      {"model": check_input_file(base, "model")})
-    pablo = mode == "pablo" or (mode is None and (radius > 0 or table is not None))
-    tbl = table_arg(table) if table else None
+    experiment = mode == "pablo" or (mode is None and (radius > 0 or table is not None))
+    hooks = Hooks(experiment, radius, table_arg(table) if table else None)
     fork = build_mod.current()
     qtype = canonical_type(fork, qtype)
     b = prepare_base(base, fork)
     if "--imatrix" not in extra and needs_imatrix(fork, b.path, b.sha256, qtype):
         raise OrchestrateError(f"{qtype} needs an importance matrix for {base.name}: pass one after `--` "
                                "(-- --imatrix FILE)")
-    res = run_quantize(fork, b.path, out, qtype, pablo=pablo, radius=radius, table=tbl, hist=hist,
+    res = run_quantize(fork, b.path, out, qtype, hooks, hist=hist,
                        threads=threads, extra=list(extra), env=_llama_env(llama_env))
     size = f"{res['quant_mib']:.2f} MiB" + (f" ({res['quant_bpw']:.2f} BPW)" if "quant_bpw" in res else "")
     click.echo(f"wrote {out}: {size} in {res['seconds']:.1f} s" + (f"; histograms: {hist}" if hist else ""))
@@ -359,26 +359,26 @@ def quantize(base, out, qtype, mode, radius, table, hist, threads, llama_env, ex
 def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, keep_models, threads, damage_variant,
           reference, executor, ray_address, plan_only, force, backend, gpu_layers, llama_env):
     """Quantize and score every variant of an experiment; write results, figures and a report."""
+    from . import driver
     from .study import experiment
-    from .study import sweep as sweep_mod
+    from .study.runner import run_local
     exp = experiment.override(experiment.load_experiment(config), radius=radius, tables=tables, types=types,
                               ctx=ctx, chunks=chunks)
+    opts = driver.Options(kld=kld, keep_models=keep_models, threads=threads, llama_env=_llama_env(llama_env),
+                          backend=backend, gpu_layers=gpu_layers)
     if plan_only:
-        for line in sweep_mod.plan_sweep(exp, model, text, kld=kld, keep_models=keep_models, threads=threads,
-                                         llama_env=_llama_env(llama_env), backend=backend, gpu_layers=gpu_layers):
+        for line in driver.plan_sweep(exp, model, text, opts):
             click.echo(line)
         return
-    execute = sweep_mod.run_local
+    execute = run_local
     if executor == "ray":
         from .study import cluster
         cluster.connect(ray_address)  # fails in one line before any work
         execute = functools.partial(cluster.run, address=ray_address)
     elif ray_address:
         raise OrchestrateError("--ray-address needs --executor ray")
-    out_dir, doc = sweep_mod.sweep(exp, model, text, out, kld=kld, keep_models=keep_models, threads=threads,
-                                   damage_variant=damage_variant, llama_env=_llama_env(llama_env),
-                                   reference=reference, execute=execute, force=force, backend=backend,
-                                   gpu_layers=gpu_layers)
+    out_dir, doc = driver.sweep(exp, model, text, out, opts, damage_variant=damage_variant, reference=reference,
+                                execute=execute, force=force)
     failed = [r["name"] for r in doc["variants"] if r["status"] != "ok"]
     click.echo(f"report: {out_dir / 'report.md'}")
     if failed:
@@ -403,7 +403,6 @@ def compare(directory, a, b):
     """Compare variants A and B of a sweep token by token: ln(PPL ratio) with its paired error
     and bootstrap interval (and KL divergence, same top token with --kld)."""
     from . import results
-    from .report.report import scores_path
     from .study import paired, scores
     doc = results.load(directory)
     found = {}
@@ -414,7 +413,7 @@ def compare(directory, a, b):
                                    + ", ".join(r["name"] for r in doc["variants"]) + ")")
         if row["status"] != "ok":
             raise OrchestrateError(f"variant {name} failed in that sweep: nothing to compare")
-        found[name] = scores.read(scores_path(directory, name))
+        found[name] = scores.read(results.scores_path(directory, name))
     for line in paired.report_pair(a, b, found[a], found[b]):
         click.echo(line)
 
@@ -470,8 +469,8 @@ def tables_fit(base, out, threads):
     """Fit balanced-fit and optimal tables to BASE's own Q8_0 value distribution."""
     from .files import check_input_file, check_writable, refuse_overwrite
     from .hooks.conf import load_table
-    from .hooks.tables import FITTED, code_masses, expected_sq_error, fit, measured_histogram, write_table
-    from .study.base import prepare_base
+    from .hooks.tables import FITTED, code_masses, expected_sq_error, fit, write_table
+    from .study.base import measured_histogram, prepare_base
     for name in FITTED:
         refuse_overwrite({"table file": out / f"{base.stem}-{name}.table"}, {"model": check_input_file(base, "model")})
         check_writable(out / f"{base.stem}-{name}.table", "table file")

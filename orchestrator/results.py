@@ -1,5 +1,5 @@
 """A sweep's output directory: its results document (results.json: schema, how it is made
-and read) and its lock.
+and read), the artifacts copied beside it (hist/, damage/, scores/) and its lock.
 
 The sweep writes the document and the report reads it; it belongs to neither, so neither
 imports the other. One lock per output directory keeps a sweep and `orchestrate plot` (or
@@ -26,9 +26,25 @@ def fmt_ppl(v: float) -> str:
     return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.3e}"
 
 
+def scores_path(out: Path, name: str) -> Path:
+    """A variant's per-token scores, as copied into the sweep directory."""
+    return Path(out) / "scores" / f"{name}.bin"
+
+
+def hist_path(name: str) -> str:
+    """A variant's histograms in the sweep directory (relative to it)."""
+    return f"hist/{name}.json"
+
+
+def damage_path(name: str) -> str:
+    """A variant's per-tensor weight errors in the sweep directory (relative to it)."""
+    return f"damage/{name}.json"
+
+
 def document(name: str, description: str, base, text: Path, text_sha256: str, settings: dict, fork,
-             rows: list[dict]) -> dict:
-    """base: a study.base.Base; fork: a fork.build.Fork; settings: the perplexity settings."""
+             rows: list[dict], measurement: dict) -> dict:
+    """base: a study.base.Base; fork: a fork.build.Fork; settings: the perplexity settings; measurement:
+    how sizes were measured (study.analysis.measurement)."""
     return {
         "schema": SCHEMA,
         "name": name,
@@ -38,6 +54,7 @@ def document(name: str, description: str, base, text: Path, text_sha256: str, se
         "base": str(base.path), "base_sha256": base.sha256, "base_upcast_from": base.upcast_from,
         "text": str(text), "text_sha256": text_sha256,
         "perplexity": settings,
+        "measurement": measurement,
         "fork": {"id": fork.id, "upstream": fork.stamp["pin"], "patches": fork.stamp["applied"]},
         "variants": rows,
     }

@@ -162,7 +162,7 @@ def q(fork, demo_base, tmp_path_factory):
         if key not in made:
             stem = f"{name}-{len(made)}"
             out, h = d / f"{stem}.gguf", (d / f"{stem}.json" if hist else None)
-            from orchestrator.hooks.quantize import run_quantize
+            from orchestrator.tools.quantize import run_quantize
             run_quantize(fork, demo_base, out, qtype, hist=h, progress=False, **kw)
             made[key] = (out, h)
         return made[key]

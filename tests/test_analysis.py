@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
+from orchestrator.hooks.conf import Hooks
 from orchestrator.study import analysis, stats
 
 T = gguf.GGMLQuantizationType
@@ -119,7 +120,7 @@ def test_scan_measures_zstd_per_tensor_and_keys_the_content(crafted, tmp_path):
 
 def test_sampled_zstd_estimates_the_full_measure(q, demo_base):
     """Above the budget, zstd is measured on evenly spaced segments: close to the full figure."""
-    for model in (demo_base, q("r2-t2", "Q4_0", pablo=True, radius=2, threads=2)[0]):
+    for model in (demo_base, q("r2-t2", "Q4_0", hooks=Hooks(True, radius=2), threads=2)[0]):
         full = analysis.scan(model, budget=1 << 40)
         part = analysis.scan(model, budget=8 << 20)
         assert full["zstd_sampled"] == 1.0 and part["zstd_sampled"] < 0.9

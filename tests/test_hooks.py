@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import orchestrate
+from orchestrator.hooks.conf import Hooks
 from orchestrator.hooks import conf
 from orchestrator.study import analysis, stats
 from orchestrator.parse import parse_perplexity
@@ -47,7 +48,7 @@ def test_hooks_off_and_simple_mode_are_byte_identical(fork, demo_base, q, tmp_pa
 @pytest.mark.parametrize("radius", [1, 2, 3])
 def test_radius_zeroes_exactly_the_small_values(q, radius):
     off, _ = q("off-Q4_0", "Q4_0", hist=False)
-    out, _ = q(f"r{radius}", "Q4_0", pablo=True, radius=radius)
+    out, _ = q(f"r{radius}", "Q4_0", hooks=Hooks(True, radius=radius))
     a, b = tensors(off), tensors(out)
     assert a.keys() == b.keys()
     changed = 0
@@ -68,7 +69,7 @@ def test_radius_zeroes_exactly_the_small_values(q, radius):
 def test_table_stores_the_level_of_each_stock_value(q, table):
     t = conf.load_table(TABLES / f"{table}.table")
     off, _ = q("off-Q8_0", "Q8_0", hist=False)
-    out, _ = q(f"table-{table}", "Q8_0", pablo=True, table=t)
+    out, _ = q(f"table-{table}", "Q8_0", hooks=Hooks(True, table=t))
     a, b = tensors(off), tensors(out)
     assert a.keys() == b.keys() and a
     for name, ta in a.items():
@@ -114,8 +115,8 @@ def _check_hist_matches_file(model, hist_json, table=None):
 
 
 def test_histograms_equal_a_recount_from_the_file_for_1_and_2_threads(q):
-    one, h1 = q("r2-t1", "Q4_0", pablo=True, radius=2, threads=1)
-    two, h2 = q("r2-t2", "Q4_0", pablo=True, radius=2, threads=2)
+    one, h1 = q("r2-t1", "Q4_0", hooks=Hooks(True, radius=2), threads=1)
+    two, h2 = q("r2-t2", "Q4_0", hooks=Hooks(True, radius=2), threads=2)
     assert filecmp.cmp(one, two, shallow=False)
     d1, d2 = _check_hist_matches_file(one, h1), _check_hist_matches_file(two, h2)
     assert d1["tensors"] == d2["tensors"] and d1["model"] == d2["model"]
@@ -130,7 +131,7 @@ def test_histograms_of_plain_and_table_q8_0(q):
     assert doc["model"]["q8_0"]["bins"] == "value" and len(doc["model"]["q8_0"]["values"]) == 256
     t = conf.load_table(TABLES / "balanced.table")
     for threads in (1, 2):
-        out, h = q(f"bal-t{threads}", "Q8_0", pablo=True, table=t, threads=threads)
+        out, h = q(f"bal-t{threads}", "Q8_0", hooks=Hooks(True, table=t), threads=threads)
         doc = _check_hist_matches_file(out, h, table=t)
         assert doc["model"]["q8_0"]["bins"] == "code" and len(doc["model"]["q8_0"]["values"]) == 16
         assert doc["config"]["table"]["level"] == list(t.level)
@@ -176,7 +177,7 @@ def test_legacy_file_in_working_directory(fork, demo_base, q, tmp_path):
     (tmp_path / "pablo.conf").write_text("1 2 0\n")
     res = run_binary(fork, [demo_base, tmp_path / "legacy.gguf", "Q4_0", 2], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    r2, _ = q("r2-t2", "Q4_0", pablo=True, radius=2, threads=2)
+    r2, _ = q("r2-t2", "Q4_0", hooks=Hooks(True, radius=2), threads=2)
     assert filecmp.cmp(r2, tmp_path / "legacy.gguf", shallow=False)
 
 

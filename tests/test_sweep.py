@@ -270,10 +270,11 @@ def test_kl_divergence_against_the_base(fork, demo_base, tmp_path):
 def test_perplexity_chunks_are_reported_while_it_runs(fork, demo_base, tmp_path):
     # at 7B a chunk takes minutes; llama-perplexity prints each pass's chunks without ending the line
     from orchestrator import demo
-    from orchestrator.study.sweep import Inputs, score
-    inp = Inputs(fork, None, demo.demo_text(), "demo", ctx=512, chunks=8, kld=False, threads=2)
+    from orchestrator.tools import perplexity
+    scoring = perplexity.Scoring(demo.demo_text(), ctx=512, chunks=8, threads=2)
     reports = []
-    res = score(inp, demo_base, tmp_path, on_chunks=lambda p, secs: reports.append((p.done, p.total)))
+    res = perplexity.run(fork, demo_base, scoring, tmp_path / "p.log", tmp_path / "s.bin", {},
+                         on_chunks=lambda p, secs: reports.append((p.done, p.total)))
     assert len(res["chunks"]) == 8
     # 4 chunks a pass (batch 2048 / ctx 512): the first pass is told before the second ends (read
     # line by line, all 8 would come at once, at the end)
@@ -283,7 +284,7 @@ def test_perplexity_chunks_are_reported_while_it_runs(fork, demo_base, tmp_path)
 
 def test_quantize_reports_its_tensors_as_it_goes(fork, demo_base, tmp_path):
     import gguf
-    from orchestrator.hooks.quantize import run_quantize
+    from orchestrator.tools.quantize import run_quantize
     reports = []
     run_quantize(fork, demo_base, tmp_path / "q.gguf", "Q8_0", progress=False,
                  on_tensor=lambda done, total: reports.append((done, total)))

@@ -130,7 +130,7 @@ def test_the_environment_does_not_change_results(home, fork):
 def test_llama_env_is_passed_and_keys_the_run():
     from orchestrator.proc import clean_env
     from orchestrator.study.experiment import Variant
-    from orchestrator.study.sweep import Inputs, run_key
+    from orchestrator.study.runs import Inputs, run_key
     base = dict(fork=type("F", (), {"id": "f"})(), base=type("B", (), {"sha256": "s"})(), text=Path("t"),
                 text_id="x", ctx=128, chunks=3, kld=False, threads=2)
     v = Variant("q4_0", "stock", "Q4_0")

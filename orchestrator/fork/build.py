@@ -23,7 +23,7 @@ from ..files import read_json, read_text, write_json
 from ..proc import Progress, run_logged
 from . import patches, upstream
 
-TARGETS = ["llama-quantize", "llama-perplexity"]  # the shared libraries come with them
+TARGETS = ["llama-quantize", "llama-perplexity", "llama-tokenize"]  # the shared libraries come with them
 CMAKE_OPTIONS = [
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=ON",

@@ -274,16 +274,37 @@ def table_arg(value: str, relative_to: Path | None = None) -> Table:
     return load_table(builtin, value)
 
 
-def write_conf(path: Path, pablo: bool, radius: int = 0, table: Table | None = None,
-               hist_out: Path | None = None) -> Path:
+@dataclass(frozen=True)
+class Hooks:
+    """What the hooks do to the values while quantizing: nothing (stock values), or the experiments
+    (`MODE = pablo` in the file) with a zero radius for Q4_0 and a translation table for Q8_0."""
+    experiment: bool = False
+    radius: int = 0
+    table: Table | None = None
+
+    def __post_init__(self):
+        if (self.radius or self.table is not None) and not self.experiment:
+            what = "a translation table" if self.table is not None else "a radius"
+            raise OrchestrateError(f"{what} takes effect only in the experiment mode (--mode pablo)")
+
+    @property
+    def mode(self) -> str:
+        return "pablo" if self.experiment else "simple"  # the configuration file's word, kept as it was
+
+
+STOCK = Hooks()
+
+
+def write_conf(path: Path, hooks: Hooks, hist_out: Path | None = None) -> Path:
     """Write a configuration with absolute paths (atomically)."""
+    radius, table = hooks.radius, hooks.table
     def value(p: Path) -> str:
         text = str(Path(p).resolve())
         if "#" in text or "\n" in text or len(os.fsencode(text)) >= PATH_MAX:
             raise OrchestrateError(f"{text}: a path with '#', a newline or over {PATH_MAX - 1} bytes cannot be "
                                    "written into a pablo.conf; move or rename it")
         return text
-    lines = ["# written by orchestrate", f"MODE = {'pablo' if pablo else 'simple'}", f"Q4_0_RADIUS = {radius}"]
+    lines = ["# written by orchestrate", f"MODE = {hooks.mode}", f"Q4_0_RADIUS = {radius}"]
     if table is None:
         lines.append("TABLE_MODE = off")
     elif Path(table.path).name == f"{table.name}.table" and _NAME.fullmatch(os.fsencode(table.name)):

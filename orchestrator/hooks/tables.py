@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import paths
-from ..files import read_json, write_atomic
+from ..files import write_atomic
 from .conf import Table, load_table
 
 VALUES = np.arange(-128, 128)
@@ -124,30 +123,6 @@ def write_table(table: Table, path: Path, note: str) -> Table:
 
 
 FITTED = ("balanced-fit", "optimal")
-
-
-def _histogram_path(fork, base_id: str) -> Path:
-    return paths.cache_dir() / "q8_0-hist" / f"{base_id[:16]}-{fork.id}.json"
-
-
-def cached_histogram(fork, base_id: str) -> np.ndarray | None:
-    """The model's Q8_0 value histogram if it was measured already (nothing is run)."""
-    dest = _histogram_path(fork, base_id)
-    return np.array(read_json(dest)["model"]["q8_0"]["values"], dtype=np.int64) if dest.exists() else None
-
-
-def measured_histogram(fork, base: Path, base_id: str, threads: int | None = None) -> np.ndarray:
-    """The model's plain-Q8_0 value histogram, from the hooks (quantized once, cached)."""
-    import tempfile
-
-    from .quantize import run_quantize
-    dest = _histogram_path(fork, base_id)
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-            run_quantize(fork, base, Path(tmp) / "q8_0.gguf", "Q8_0", hist=dest, threads=threads,
-                         progress=False, log_path=Path(tmp) / "quantize.log")
-    return cached_histogram(fork, base_id)
 
 
 def fit(name: str, hist) -> Table:

@@ -9,7 +9,6 @@ from pathlib import Path
 from .. import results
 from ..files import read_json, read_text, write_atomic, write_json
 from ..results import fmt_ppl
-from ..study.analysis import SEGMENT, ZSTD_BUDGET, ZSTD_LEVEL
 from . import plots
 
 # results.csv: one row per variant (documented in README.md)
@@ -19,14 +18,21 @@ CSV_COLUMNS = ["name", "kind", "type", "mode", "radius", "table", "status", "ppl
                "perplexity_seconds", "analysis_seconds", "scored_for", "tensor_key", "reason", "log", "run_dir"]
 
 
-def _zstd_how(rows: list[dict]) -> str:
-    """How the zstd sizes were measured: on all the data, or on samples of it (which share)."""
+def _zstd_how(doc: dict) -> str:
+    """How the zstd sizes were measured (the settings results.json records): on all the data, or on
+    samples of it (which share)."""
+    m = doc.get("measurement")
+    level = f"level {m['zstd_level']}" if m else "level not recorded"
+    rows = doc["variants"]
     shares = [r["zstd_sampled"] for r in rows if r.get("zstd_sampled") is not None and r["zstd_sampled"] < 1]
     if not shares:
-        return "measured on all of it"
-    return (f"estimated from evenly spaced {SEGMENT >> 20} MiB segments of every tensor ({100 * min(shares):.2g}–"
-            f"{100 * max(shares):.2g}% of the data, depending on the variant) where a model has more than "
-            f"{ZSTD_BUDGET >> 20} MiB of tensor data, measured on all of it otherwise")
+        return f"{level}, each tensor on its own, measured on all of it"
+    if not m:
+        return f"{level}, each tensor on its own, estimated from samples ({100 * min(shares):.2g}–{100 * max(shares):.2g}% of the data)"
+    return (f"{level}, each tensor on its own, estimated from evenly spaced {m['segment_bytes'] >> 20} MiB segments "
+            f"of every tensor ({100 * min(shares):.2g}–{100 * max(shares):.2g}% of the data, depending on the "
+            f"variant) where a model has more than {m['zstd_budget_bytes'] >> 20} MiB of tensor data, measured "
+            "on all of it otherwise")
 
 
 def write_csv(doc: dict, path: Path) -> None:
@@ -36,32 +42,6 @@ def write_csv(doc: dict, path: Path) -> None:
     for row in doc["variants"]:
         w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
     write_atomic(path, buf.getvalue())
-
-
-def scores_path(out: Path, name: str) -> Path:
-    """A variant's per-token scores, as copied into the sweep directory."""
-    return Path(out) / "scores" / f"{name}.bin"
-
-
-def copy_artifacts(doc: dict, out: Path) -> None:
-    """Bring each variant's histograms, per-tensor damage and per-token scores into the sweep
-    directory, so it stands alone (figures are redrawn and pairs compared from it)."""
-    for sub in ("hist", "damage", "scores"):
-        (out / sub).mkdir(exist_ok=True)
-    for row in doc["variants"]:
-        run = Path(row.get("run_dir") or "/nonexistent")
-        row["hist"] = row["damage"] = None
-        if row["status"] != "ok":
-            continue
-        if Path(row.get("scores_file") or "/nonexistent").exists():
-            write_atomic(scores_path(out, row["name"]), Path(row["scores_file"]).read_bytes())
-        if (run / "hist.json").exists():
-            write_atomic(out / "hist" / f"{row['name']}.json", (run / "hist.json").read_bytes())
-            row["hist"] = f"hist/{row['name']}.json"
-        analysis = read_json(run / "analysis.json") if (run / "analysis.json").exists() else {}
-        if analysis.get("damage"):
-            write_json(out / "damage" / f"{row['name']}.json", analysis["damage"])
-            row["damage"] = f"damage/{row['name']}.json"
 
 
 def _fmt(v, spec: str, empty: str = "–") -> str:
@@ -110,7 +90,7 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
               "scores the same tokens, so their errors are strongly correlated; the paired comparisons below "
               "tell variants apart.", "",
               "*bits/weight*: tensor data as stored; *zstd bits/weight*: the same bytes compressed with zstd "
-              f"(level {ZSTD_LEVEL}, each tensor on its own), {_zstd_how(rows)}; *value entropy*: Shannon entropy of the stored values of the variant's main "
+              f"({_zstd_how(doc)}); *value entropy*: Shannon entropy of the stored values of the variant's main "
               "type, in bits per weight (scales not included); *weight error*: RMSE of all weights against the "
               "base, relative to the base's RMS; *zeros*: share of the main type's values stored as 0; "
               "*isolated zeros*: share of those zeros with no zero neighbour in their row (runs of length 1).", ""]
@@ -211,7 +191,6 @@ def _unchanged(doc: dict, out: Path, damage_variant: str | None) -> bool:
 
 
 def write_all(doc: dict, out: Path, damage_variant: str | None = None) -> None:
-    copy_artifacts(doc, out)
     if _unchanged(doc, out, damage_variant):
         return
     write_json(out / results.FILE, doc)

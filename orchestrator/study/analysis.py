@@ -251,6 +251,13 @@ ZSTD_BUDGET = 256 << 20  # bytes of tensor data compressed to measure zstd: all 
 SEGMENT = 1 << 20        # above it, evenly spaced segments of this size from every tensor
 
 
+def measurement() -> dict:
+    """How this code measures sizes: written into results.json, so that a report drawn later describes
+    the sweep as it was measured, whatever the constants are then."""
+    return {"zstd_level": ZSTD_LEVEL, "zstd_budget_bytes": ZSTD_BUDGET, "segment_bytes": SEGMENT,
+            "scan_format": SCAN_FORMAT}
+
+
 def _segments(n: int, fraction: float) -> list[tuple[int, int]]:
     """The [start, end) byte ranges of a tensor of n bytes that are compressed: all of it, or
     round(n * fraction / SEGMENT) segments (at least one) spread evenly over it."""

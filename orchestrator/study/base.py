@@ -7,15 +7,18 @@ every report says so.
 """
 
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .. import paths
 from ..errors import OrchestrateError
 from ..fetch import sha256_of
 from ..files import check_input_file, read_json, write_json
 from ..fork.build import Fork
-from ..hooks.quantize import run_quantize
+from ..tools.quantize import run_quantize
 from . import analysis
 
 
@@ -109,3 +112,24 @@ def prepare_base(model: Path, fork: Fork) -> Base:
         run_quantize(fork, model, dest, "F16", extra=["--allow-requantize"], log_path=dest.with_suffix(".log"))
     up_sha = file_id(dest)
     return Base(dest, up_sha, describe(dest, up_sha)[0], model.resolve(), sha, label)
+
+
+def _histogram_path(fork, base_id: str) -> Path:
+    return paths.cache_dir() / "q8_0-hist" / f"{base_id[:16]}-{fork.id}.json"
+
+
+def cached_histogram(fork, base_id: str) -> np.ndarray | None:
+    """The model's Q8_0 value histogram if it was measured already (nothing is run)."""
+    dest = _histogram_path(fork, base_id)
+    return np.array(read_json(dest)["model"]["q8_0"]["values"], dtype=np.int64) if dest.exists() else None
+
+
+def measured_histogram(fork, base: Path, base_id: str, threads: int | None = None) -> np.ndarray:
+    """The model's plain-Q8_0 value histogram, from the hooks (quantized once, cached)."""
+    dest = _histogram_path(fork, base_id)
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            run_quantize(fork, base, Path(tmp) / "q8_0.gguf", "Q8_0", hist=dest, threads=threads,
+                         progress=False, log_path=Path(tmp) / "quantize.log")
+    return cached_histogram(fork, base_id)

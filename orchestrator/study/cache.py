@@ -19,8 +19,8 @@ import filelock
 
 from ..errors import OrchestrateError
 from ..files import read_json, write_json
+from .runs import USED, RunDir, ScoreDir, lock_of
 
-USED = "used.json"
 KINDS = {"runs": "run", "scores": "score", "worker/runs": "worker run", "worker/scores": "worker score"}
 
 
@@ -41,7 +41,7 @@ class Entry:
 
 def _unlocked(d: Path) -> filelock.FileLock | None:
     """The directory's lock, now held by the caller, or None when a live sweep holds it."""
-    lock = filelock.FileLock(str(Path(d) / ".lock"))
+    lock = lock_of(d)
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
@@ -79,9 +79,9 @@ def _size(d: Path) -> int:
 
 def _name(d: Path, kind: str) -> str:
     if "run" in kind:
-        return d.name.rsplit("-", 1)[0]
+        return RunDir(d).name
     try:
-        return read_json(d / "perplexity.json")["scored_for"]
+        return read_json(ScoreDir(d).perplexity)["scored_for"]
     except (OSError, ValueError, KeyError):
         return "(unfinished)"
 
@@ -97,7 +97,7 @@ def entries(root: Path) -> list[Entry]:
                 continue
             used = _used(d)
             last = max(used.values()) if used else max([d.stat().st_mtime] + [p.stat().st_mtime for p in d.iterdir()])
-            out.append(Entry(d, kind, _name(d, kind), _size(d), last, used, (d / "logits.bin").exists()))
+            out.append(Entry(d, kind, _name(d, kind), _size(d), last, used, ScoreDir(d).logits.exists()))
     return out
 
 

@@ -24,14 +24,13 @@ from pathlib import Path
 from .. import paths
 from ..errors import OrchestrateError
 from ..files import read_text, write_atomic, write_json
-from . import sweep
+from . import runner
+from .runs import Inputs, RunDir, ScoreDir, run_dir, score_dir
 from .base import scanned
 from .experiment import Variant
 
 INSTALL = "pip install -e '.[ray]'"
 RETRIES = 2  # re-runs of a variant whose worker process or node died
-RUN_FILES = ("quantize.json", "quantize.log", "hist.json", "analysis.json")
-SCORE_FILES = ("perplexity.json", "perplexity.log", "scores.bin")
 
 
 def import_ray():
@@ -93,7 +92,7 @@ def _node() -> str:
     return ray.util.get_node_ip_address()
 
 
-def worker_inputs(inp: sweep.Inputs, variants: list[Variant]) -> sweep.Inputs:
+def worker_inputs(inp: Inputs, variants: list[Variant]) -> Inputs:
     """The driver's inputs as seen from this node: its own fork build (which must be the driver's),
     the same base, text and tables (checked), and its own cache."""
     from ..fetch import sha256_of
@@ -118,7 +117,7 @@ def worker_inputs(inp: sweep.Inputs, variants: list[Variant]) -> sweep.Inputs:
     return replace(inp, fork=fork, cache=paths.cache_dir() / "worker")
 
 
-def check_node(inp: sweep.Inputs, variants: list[Variant]) -> str | None:
+def check_node(inp: Inputs, variants: list[Variant]) -> str | None:
     """A task's worth of checks without the work: None, or why this node cannot run the sweep."""
     try:
         worker_inputs(inp, variants)
@@ -131,7 +130,7 @@ def _files(d: Path, names) -> dict[str, bytes]:
     return {n: (d / n).read_bytes() for n in names if (d / n).exists()}
 
 
-def run_task(inp: sweep.Inputs, v: Variant, keep_models: bool, kld_tensors: str | None, board) -> dict:
+def run_task(inp: Inputs, v: Variant, keep_models: bool, kld_tensors: str | None, board) -> dict:
     """One variant on a worker; returns its row, timings and small artifacts (never raises for a
     variant's own failure: that comes back as a reason)."""
     node, start = _node(), time.time()
@@ -154,12 +153,12 @@ def run_task(inp: sweep.Inputs, v: Variant, keep_models: bool, kld_tensors: str 
         kld_base = None
         if inp.kld and v.kind != "base":  # this node's own copy of the base's logits, made once
             base_v = Variant("base", "base")
-            sdir = sweep.score_dir(winp, kld_tensors, None)
-            sweep.scored(winp, base_v, winp.base.path, sdir, None, step)
-            kld_base = sweep.KldBase(kld_tensors, sdir / "logits.bin")
-        row = sweep.run_variant(winp, v, keep_models, kld_base, step)
-        out.update(ok=True, row=row, run_files=_files(Path(row["run_dir"]), RUN_FILES),
-                   score_files=_files(Path(row["score_dir"]), SCORE_FILES))
+            sdir = score_dir(winp, kld_tensors, None)
+            runner.scored(winp, base_v, winp.base.path, sdir, None, step)
+            kld_base = runner.KldBase(kld_tensors, sdir.logits)
+        row = runner.run_variant(winp, v, keep_models, kld_base, step)
+        out.update(ok=True, row=row, run_files=_files(Path(row["run_dir"]), RunDir.SMALL),
+                   score_files=_files(Path(row["score_dir"]), ScoreDir.SMALL))
     except OrchestrateError as e:
         log = getattr(e, "log", None)
         out.update(ok=False, reason=f"on node {node}: {e}",
@@ -195,26 +194,26 @@ class Board:
 
 # ---- on the driver ------------------------------------------------------------------------
 
-def land(inp: sweep.Inputs, v: Variant, res: dict, kld_tensors: str | None, attempts: int, submitted: float) -> dict:
+def land(inp: Inputs, v: Variant, res: dict, kld_tensors: str | None, attempts: int, submitted: float) -> dict:
     """Write what a task brought back into the driver's run and score directories, result.json last."""
-    run = sweep.run_dir(inp, v)
+    run = run_dir(inp, v)
     if not res["ok"]:
         log = None
         if res.get("log_text"):
-            run.mkdir(parents=True, exist_ok=True)
-            log = run / "error.log"
+            run.path.mkdir(parents=True, exist_ok=True)
+            log = run.error_log
             write_atomic(log, res["log_text"])
-        return sweep.failed_row(v, res["reason"], log)
+        return runner.failed_row(v, res["reason"], log)
     row = res["row"]
-    sdir = sweep.score_dir(inp, row["tensor_key"], kld_tensors if inp.kld and v.kind != "base" else None)
-    for d, files in ((run, res["run_files"]), (sdir, res["score_files"])):
+    sdir = score_dir(inp, row["tensor_key"], kld_tensors if inp.kld and v.kind != "base" else None)
+    for d, files in ((run.path, res["run_files"]), (sdir.path, res["score_files"])):
         d.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             write_atomic(d / name, data)
-    row = {**row, "run_dir": str(run), "score_dir": str(sdir), "scores_file": str(sdir / "scores.bin"),
+    row = {**row, "run_dir": str(run.path), "score_dir": str(sdir.path), "scores_file": str(sdir.scores),
            "ran_on": {"node": res["node"], "submitted": submitted, "start": res["start"], "end": res["end"],
                       "first_tool": res["first_tool"], "attempts": attempts}}
-    write_json(run / "result.json", row)
+    write_json(run.result, row)
     return row
 
 
@@ -222,9 +221,9 @@ def _status(running: dict, now: float) -> str:
     return ", ".join(f"{n}@{r['node']} {r['step']} {int(now - r['since'])}s" for n, r in sorted(running.items()))
 
 
-def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, unfit: dict, record,
+def run(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit: dict, record,
         address: str | None = None) -> list[dict]:
-    """Every variant as a Ray task; rows in the experiment's order (record: as in sweep.run_local)."""
+    """Every variant as a Ray task; rows in the experiment's order (record: as in runner.run_local)."""
     ray = connect(address)
     problem = ray.get(ray.remote(check_node).options(num_cpus=0).remote(inp, variants))
     if problem:
@@ -237,12 +236,13 @@ def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, 
     rows, pending = {}, {}
     for v in variants:
         if v.name in unfit:
-            rows[v.name] = sweep.failed_row(v, unfit[v.name], None)
-        elif (row := sweep.finished_row(inp, v)) is not None:
-            rows[v.name] = sweep.finish_row(v, row)
+            rows[v.name] = runner.failed_row(v, unfit[v.name], None)
+        elif (row := runner.finished_row(inp, v)) is not None:
+            rows[v.name] = runner.finish_row(v, row)
         else:
-            sweep.run_dir(inp, v).mkdir(parents=True, exist_ok=True)
-            lock = sweep.take_lock(sweep.run_dir(inp, v) / ".lock", v, display.step)
+            run = run_dir(inp, v)
+            run.path.mkdir(parents=True, exist_ok=True)
+            lock = runner.take_lock(run.lock, v, display.step)
             pending[task.remote(inp, v, keep_models, kld_tensors, board)] = (v, lock, time.time())
         if v.name in rows:
             record(rows[v.name])
@@ -261,11 +261,11 @@ def run(variants: list[Variant], inp: sweep.Inputs, keep_models: bool, display, 
                     seconds = res["end"] - res["start"]
                 except Exception as e:  # the task itself was lost (retries spent, node gone)
                     reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                    row, seconds = sweep.failed_row(v, f"lost on the cluster: {reason}", None), None
+                    row, seconds = runner.failed_row(v, f"lost on the cluster: {reason}", None), None
                 finally:
                     lock.release()
                 board.done.remote(v.name)
-                rows[v.name] = sweep.finish_row(v, row) if row["status"] == "ok" else row
+                rows[v.name] = runner.finish_row(v, row) if row["status"] == "ok" else row
                 record(rows[v.name])
                 display.finished(v, rows[v.name], seconds or 0.0, seconds is not None)
     finally:

@@ -13,11 +13,13 @@ from .. import paths
 from ..documents import load_yaml
 from ..errors import OrchestrateError
 from ..files import check_name
-from ..hooks.conf import Table, table_arg
+from ..hooks.conf import STOCK, Hooks, Table, table_arg
 from ..hooks.tables import FITTED
 
+EXPERIMENT = Hooks(True)  # the experiments' mode with nothing set (a table is fitted in later)
 KEYS = {"name", "description", "types", "tables", "radius", "perplexity"}
-PPL_KEYS = {"ctx", "chunks"}
+PPL_EXPERIMENT = Hooks(True)  # the experiments' mode with nothing set (a table is fitted in later)
+KEYS = {"ctx", "chunks"}
 
 
 @dataclass(frozen=True)
@@ -25,15 +27,25 @@ class Variant:
     name: str
     kind: str                  # base | stock | table | radius
     qtype: str | None = None   # llama-quantize type; None for the base
-    pablo: bool = False
-    radius: int | None = None
-    table: Table | None = None
+    hooks: Hooks = STOCK       # what the hooks do to its values
     fit: str | None = None     # a table fitted to the base at sweep time (balanced-fit, optimal)
+
+    @property
+    def radius(self) -> int | None:
+        """The zero radius of a radius variant (None for the others)."""
+        return self.hooks.radius if self.kind == "radius" else None
+
+    @property
+    def table(self) -> Table | None:
+        return self.hooks.table
+
+    def with_table(self, table: Table) -> "Variant":
+        return replace(self, hooks=replace(self.hooks, table=table))
 
     def spec(self) -> dict:
         """Everything about the variant that determines its weights (part of its run key)."""
         t = self.table
-        return {"name": self.name, "kind": self.kind, "type": self.qtype, "mode": "pablo" if self.pablo else "simple",
+        return {"name": self.name, "kind": self.kind, "type": self.qtype, "mode": self.hooks.mode,
                 "radius": self.radius,
                 "table": None if t is None else {"name": t.name, "lo": t.lo, "hi": t.hi, "level": t.level}}
 
@@ -54,11 +66,11 @@ class Experiment:
         out += [Variant(t.lower(), "stock", t) for t in self.types]
         for name in self.tables:
             if name in FITTED:
-                out.append(Variant(f"q8_0-{name}", "table", "Q8_0", True, fit=name))
+                out.append(Variant(f"q8_0-{name}", "table", "Q8_0", EXPERIMENT, fit=name))
             else:
                 t = table_arg(name, self.table_dir)
-                out.append(Variant(f"q8_0-{t.name}", "table", "Q8_0", True, table=t))
-        out += [Variant(f"q4_0-r{r}", "radius", "Q4_0", True, radius=r) for r in self.radius]
+                out.append(Variant(f"q8_0-{t.name}", "table", "Q8_0", Hooks(True, table=t)))
+        out += [Variant(f"q4_0-r{r}", "radius", "Q4_0", Hooks(True, radius=r)) for r in self.radius]
         seen: dict[str, Variant] = {}
         for v in out:
             twin = seen.setdefault(v.name.lower(), v)

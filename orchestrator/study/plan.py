@@ -13,8 +13,6 @@ rate per parameter changes with size), else from a one-chunk calibration run of 
 import math
 import shutil
 import statistics
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +20,12 @@ import gguf
 
 from ..errors import OrchestrateError
 from ..files import read_json
-from ..proc import clean_env
 from . import analysis, scores
 from .cache import human
+from .runs import RunDir, ScoreDir, quantize_type
 
 MARGIN = 1.10           # sizes are estimates: ask for 10% more
 ARTIFACTS = 2 << 20     # histograms, analysis, scores, logs per variant (bytes, generous)
-CHARS_PER_TOKEN = 4     # to estimate the chunks of a whole text (--chunks 0)
 NEAR = 2.0              # perplexity rates are taken from models within this factor of the model's size
 
 
@@ -71,19 +68,21 @@ class History:
 
 def history(cache: Path) -> History:
     h = History({}, {}, {})
-    for q in (cache / "runs").glob("*/quantize.json"):
+    for d in (cache / "runs").iterdir() if (cache / "runs").is_dir() else ():
         try:
-            d = read_json(q)
-            qtype = d["command"][-2]  # [llama-quantize, *extra, base, out, TYPE, threads]
+            run = RunDir(d)
+            d = read_json(run.quantize)
+            qtype = quantize_type(d)
             if qtype and d["model_mib"] > 0 and d["seconds"] > 0:
                 h.size.setdefault(qtype, []).append(d["quant_mib"] / d["model_mib"])
                 h.quantize.setdefault(qtype, []).append(d["model_mib"] / d["seconds"])
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             continue
-    for p in (cache / "scores").glob("*/perplexity.json"):
+    for d in (cache / "scores").iterdir() if (cache / "scores").is_dir() else ():
         try:
-            seconds = read_json(p)["seconds"]
-            f = scores.read_header(p.parent / "scores.bin")
+            sdir = ScoreDir(d)
+            seconds = read_json(sdir.perplexity)["seconds"]
+            f = scores.read_header(sdir.scores)
             if seconds > 0 and f.n_params > 0:
                 ftype = f.model.split(" ", 2)[-1]  # "llama 7B Q4_0" -> "Q4_0"
                 h.perplexity.setdefault(ftype, []).append(
@@ -91,18 +90,6 @@ def history(cache: Path) -> History:
         except (OSError, ValueError, KeyError, OrchestrateError):
             continue
     return h
-
-
-def calibrate(cmd: list, ctx: int, params: int, llama_env: dict) -> float:
-    """Seconds per token per 1e9 parameters of cmd: llama-perplexity on one chunk of the base, as the
-    sweep would run it (a real run)."""
-    t0 = time.monotonic()
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, env=clean_env(llama_env))
-    seconds = time.monotonic() - t0
-    if res.returncode != 0:
-        tail = res.stdout.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
-        raise OrchestrateError(f"calibration run of llama-perplexity failed: {tail[0][-200:]}")
-    return seconds / (ctx * params / 1e9)
 
 
 def model_params(path: Path) -> int:

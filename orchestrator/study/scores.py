@@ -12,7 +12,6 @@ import numpy as np
 
 from ..errors import OrchestrateError
 
-ENV = "PABLO_SCORES"
 MAGIC, VERSION = b"PABLOSCR", 1
 HEADER = struct.Struct("<8sIIIIIIQQQQ64s")  # 128 bytes; then 8-byte array names, then the arrays
 

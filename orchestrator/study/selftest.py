@@ -19,7 +19,8 @@ from ..errors import OrchestrateError
 from ..files import read_json
 from ..fork.build import Fork
 from ..hooks.conf import load_table
-from ..hooks.quantize import run_quantize
+from ..hooks.conf import Hooks
+from ..tools.quantize import run_quantize
 from . import analysis
 
 RADIUS = 2
@@ -76,7 +77,7 @@ def run(fork: Fork, base: Path, threads: int | None = None) -> list[str]:
 
         def radius_zeroes_small_values():
             stock = _values(d / "off.gguf")
-            zeroed = _values(q("radius", "Q4_0", pablo=True, radius=RADIUS, hist=d / "radius.json"))
+            zeroed = _values(q("radius", "Q4_0", hooks=Hooks(True, radius=RADIUS), hist=d / "radius.json"))
             ok, changed = bool(stock) and stock.keys() == zeroed.keys(), 0
             for name, (typ, s0, v0) in stock.items():
                 _, s1, v1 = zeroed[name]
@@ -87,7 +88,7 @@ def run(fork: Fork, base: Path, threads: int | None = None) -> list[str]:
 
         def table_stores_levels():
             stock = _values(q("q8", "Q8_0"))
-            coded = _values(q("table", "Q8_0", pablo=True, table=table, hist=d / "table.json"))
+            coded = _values(q("table", "Q8_0", hooks=Hooks(True, table=table), hist=d / "table.json"))
             ok = bool(stock) and stock.keys() == coded.keys()
             for name, (_, s0, v0) in stock.items():
                 _, s1, v1 = coded[name]

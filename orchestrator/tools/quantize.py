@@ -1,4 +1,4 @@
-"""Running the fork's llama-quantize with a hook configuration, and what it accepts.
+"""llama-quantize: running the fork's with a hook configuration, and what it accepts.
 
 The quantization types are whatever the built llama-quantize lists in its help (so a new
 upstream's types are known without a code change), matched case-insensitively as
@@ -23,7 +23,7 @@ from ..files import check_input_file, check_writable, read_json, read_text, refu
 from ..fork.build import Fork
 from ..parse import parse_quantize, quantize_progress
 from ..proc import Progress, clean_env, failure_reason, run_logged
-from .conf import Table, write_conf
+from ..hooks.conf import STOCK, Hooks, write_conf
 
 IMATRIX_NOTE = "will require an imatrix"
 
@@ -105,18 +105,14 @@ def work_dir(out: Path):
         os.close(fd)
 
 
-def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, pablo: bool = False, radius: int = 0,
-                 table: Table | None = None, hist: Path | None = None, threads: int | None = None,
+def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, hooks: Hooks = STOCK, hist: Path | None = None,
+                 threads: int | None = None,
                  extra: list[str] = (), progress: bool = True, log_path: Path | None = None,
                  env: dict[str, str] | None = None, on_tensor: Callable[[int, int], None] | None = None) -> dict:
     """Quantize base -> out with the given hook settings. Nothing is left at `out` (or `hist`)
     unless the whole run succeeded. Returns the parsed sizes, the command and the wall time.
     progress: a status line of its own; on_tensor(done, total): for the caller's."""
     out, base = Path(out), check_input_file(base, "model")
-    if table is not None and not pablo:
-        raise OrchestrateError("a translation table takes effect only in pablo mode (--mode pablo)")
-    if radius and not pablo:
-        raise OrchestrateError("a radius takes effect only in pablo mode (--mode pablo)")
     log_path = Path(log_path or out.with_name(out.name + ".log"))
     refuse_overwrite({"output": out, "histogram file": hist, "log": log_path}, {"model": base})
     check_writable(out, "output")
@@ -127,9 +123,8 @@ def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, pablo: bool = Fa
     with work_dir(out) as tmp:
         tmp_out, tmp_hist = tmp / out.name, tmp / "hist.json"
         run_env = clean_env(env)
-        if pablo or hist:
-            run_env["PABLO_CONF"] = str(write_conf(tmp / "pablo.conf", pablo, radius, table,
-                                                   tmp_hist if hist else None))
+        if hooks != STOCK or hist:
+            run_env["PABLO_CONF"] = str(write_conf(tmp / "pablo.conf", hooks, tmp_hist if hist else None))
         cmd = [fork.binary("llama-quantize"), *extra, base, tmp_out, qtype, str(threads)]
         bar = Progress() if progress else None
 

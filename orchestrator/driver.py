@@ -1,0 +1,223 @@
+"""The entry points of a study — a sweep, and its plan — above the study (runs and measurements) and
+the report (figures and text from results.json). The only module that uses both.
+
+A sweep and its plan share one preparation of their inputs (the fork, the experiment's types as
+llama-quantize spells them, the base, the text checked against what is asked of it); the plan
+stops there and estimates, the sweep runs every variant and hands results.json to the report.
+"""
+
+import functools
+import gc
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths, results
+from .errors import OrchestrateError
+from .fetch import sha256_of
+from .files import check_input_file
+from .fork import build
+from .fork.build import Fork
+from .hooks.tables import fit, write_table
+from .study import analysis, cache, paired, plan, runs, scores
+from .study.base import Base, cached_histogram, file_id, measured_histogram, needs_upcast, prepare_base, upcast_path
+from .study.display import Display
+from .study.experiment import Experiment, Variant
+from .study.runner import finished_row, run_local
+from .study.runs import Inputs
+from .tools import perplexity, tokenize
+from .tools.quantize import canonical_type, needs_imatrix
+
+log = logging.getLogger(__name__)
+ALL_LAYERS = 999  # -ngl for "every layer on the GPU"
+
+
+@dataclass(frozen=True)
+class Options:
+    """How the user asked a study to run (beyond the experiment itself)."""
+    kld: bool = False
+    keep_models: bool = False
+    threads: int | None = None
+    llama_env: dict | None = None
+    backend: str = "cpu"
+    gpu_layers: int | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    exp: Experiment          # its types as llama-quantize spells them
+    model: Path              # the user's model
+    inp: Inputs
+    upcast: int              # bytes of an F16 upcast still to make (plan only; 0 when the base exists)
+    chunks: int              # chunks llama-perplexity will score
+
+
+def _files(model: Path | None, text: Path | None) -> tuple[Path, Path]:
+    """The model and text of a study (the demo's by default), checked to be readable files."""
+    from . import demo
+    for what, given in (("model", model), ("text", text)):  # the user's, before fetching any default
+        if given:
+            check_input_file(given, what)
+    return (check_input_file(model or demo.demo_model(), "model"), check_input_file(text or demo.demo_text(), "text"))
+
+
+def prepare(exp: Experiment, model: Path | None, text: Path | None, opts: Options, fork: Fork,
+            make_base: bool) -> Prepared:
+    """Everything a sweep or a plan checks before work. make_base: make the base's F16 upcast if needed
+    (a plan does not: it stands in a Base for it, which no run of exists)."""
+    model, text = _files(model, text)
+    exp = exp.with_types(lambda t: canonical_type(fork, t))
+    upcast = 0
+    if not make_base and needs_upcast(model):
+        sha = file_id(model)
+        upcast = 2 * plan.model_params(model)
+        base = Base(upcast_path(model, sha), "", (), model.resolve(), sha, "quantized")
+    else:
+        base = prepare_base(model, fork)
+    gpu_layers = opts.gpu_layers if opts.gpu_layers is not None else (ALL_LAYERS if fork.gpu else None)
+    inp = Inputs(fork, base, text.resolve(), sha256_of(text), exp.ctx, exp.chunks, opts.kld,
+                 opts.threads or os.cpu_count() or 1, dict(opts.llama_env or {}), gpu_layers=gpu_layers)
+    tokens = tokenize.count_tokens(fork, model, file_id(model), text, inp.text_id)  # the source's vocabulary
+    chunks = tokenize.check_text(tokens, exp.ctx, exp.chunks, text)
+    if chunks < paired.MIN_CHUNKS:
+        log.warning("note: %s gives %d chunk%s at -c %d: too few for paired intervals (%d needed); perplexities "
+                    "are still measured", text.name, chunks, "s" if chunks != 1 else "", exp.ctx, paired.MIN_CHUNKS)
+    return Prepared(exp, model, inp, upcast, chunks)
+
+
+def _check_imatrix(p: Prepared) -> None:
+    need = [t for t in p.exp.types if needs_imatrix(p.inp.fork, p.inp.base.path, p.inp.base.sha256, t)]
+    if need:
+        raise OrchestrateError(f"{', '.join(need)} need{'s' if len(need) == 1 else ''} an importance matrix "
+                               f"for {p.model.name} (llama-quantize decides this per tensor); "
+                               "orchestrate does not pass one: leave out " + ", ".join(need))
+
+
+def kld_size_estimate(base: Path, chunks: int, ctx: int) -> int | None:
+    """Bytes llama-perplexity will write for the base logits (2 bytes per vocab entry per token)."""
+    tokens = analysis.open_model(base).get_field("tokenizer.ggml.tokens")
+    if tokens is None or not chunks:
+        return None
+    return analysis.array_length(tokens) * 2 * (ctx // 2) * chunks
+
+
+def _disk_need(p: Prepared, todo: list[Variant], keep_models: bool, base_bytes: int, hist: plan.History) -> plan.Need:
+    """The peak disk of the variants still to run (the base's --kld logits when the base is one of them)."""
+    base_todo = p.inp.kld and any(v.kind == "base" for v in todo)
+    logits = (kld_size_estimate(p.model, p.chunks, p.inp.ctx) or 0) if base_todo else 0
+    return plan.disk_need(base_bytes, [v.qtype for v in todo if v.kind != "base"], keep_models, logits, p.upcast, hist)
+
+
+def fit_tables(variants: list[Variant], inp: Inputs, out: Path) -> list[Variant]:
+    """Fit the tables named balanced-fit/optimal to the base's own Q8_0 histogram, and keep
+    them as .table files in the sweep directory."""
+    hist = measured_histogram(inp.fork, inp.base.path, inp.base.sha256, inp.threads)
+    done = []
+    for v in variants:
+        if v.fit:
+            note = f"{v.fit} table fitted to the Q8_0 values of {inp.base.path.name} (sha256 {inp.base.sha256[:16]})"
+            v = v.with_table(write_table(fit(v.fit, hist), out / "tables" / f"{v.fit}.table", note))
+        done.append(v)
+    return done
+
+
+def with_tables(exp: Experiment, inp: Inputs, out: Path) -> tuple[list[Variant], dict[str, str]]:
+    """The experiment's variants with their fitted tables, and why a table could not be fitted."""
+    variants = exp.variants()
+    if not any(v.fit for v in variants):
+        return variants, {}
+    try:
+        return fit_tables(variants, inp, out), {}
+    except OrchestrateError as e:
+        return variants, {v.name: f"could not fit the {v.fit} table: {e}" for v in variants if v.fit}
+
+
+def default_reference(names: list[str]) -> str | None:
+    """Stock Q4_0 when the sweep has it: the same 4 bits of information as the hooked variants."""
+    return "q4_0" if "q4_0" in names else None
+
+
+def compare_all(rows: list[dict], reference: str | None) -> dict:
+    """Paired statistics over every variant that was scored (study.paired.study)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    try:
+        found = {r["name"]: scores.read(Path(r["scores_file"])) for r in ok}
+        base = next((r["name"] for r in ok if r["kind"] == "base"), None)
+        return paired.study(found, base, reference if reference in found else None)
+    except OrchestrateError as e:
+        return {"error": str(e)}
+
+
+def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | None, opts: Options = Options(),
+          damage_variant: str | None = None, reference: str | None = None, execute=run_local,
+          force: bool = False) -> tuple[Path, dict]:
+    """The main job: build if needed, prepare the base, run every variant, write the report."""
+    from .report import report
+    gc.freeze()  # what is imported by now (matplotlib: ~80k objects) lives on: out of every collection
+    names = [v.name for v in exp.variants()]
+    if reference is not None and reference not in names:
+        raise OrchestrateError(f"--reference {reference}: no such variant in {exp.name} "
+                               f"(variants: {', '.join(names)})")
+    reference = reference or default_reference(names)
+    model_path, _ = _files(model, text)
+    out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{model_path.stem}"
+    with results.locked(out):
+        fork = build.build(quiet=False, backend=opts.backend)
+        p = prepare(exp, model, text, opts, fork, make_base=True)
+        _check_imatrix(p)
+        inp = p.inp
+        if inp.kld:
+            size = kld_size_estimate(inp.base.path, p.chunks, inp.ctx)
+            log.warning("note: --kld stores the base's logits once (%s) under %s",
+                        f"about {size / 1e9:.1f} GB" if size else "size unknown", inp.cache / "scores")
+        if execute is run_local:  # (on a cluster, models and logits go to the workers' disks)
+            todo = [v for v in p.exp.variants() if not finished_row(inp, v)]
+            need = _disk_need(p, todo, opts.keep_models, inp.base.path.stat().st_size, plan.history(inp.cache))
+            plan.refuse_if_too_big(need, inp.cache, force)
+        variants, unfit = with_tables(p.exp, inp, out)
+        rows = execute(variants, inp, opts.keep_models, Display(variants), unfit,
+                       functools.partial(cache.record, sweep=out))
+        rows = [runs.export(row, out) for row in rows]
+        settings = {"ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld, "threads": inp.threads,
+                    "llama_env": inp.llama_env}
+        doc = results.document(p.exp.name, p.exp.description, inp.base, inp.text, inp.text_id, settings, fork, rows,
+                               analysis.measurement())
+        doc["paired"] = compare_all(rows, reference)
+        report.write_all(doc, out, damage_variant)
+    return out, doc
+
+
+def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Options = Options()) -> list[str]:
+    """`sweep --plan`: the variants, which are cached, the disk at the peak against the free space,
+    and the time, without running the sweep (at most a one-chunk calibration of the base)."""
+    p = prepare(exp, model, text, opts, build.current(opts.backend), make_base=False)
+    inp = p.inp
+    params = plan.model_params(p.model)
+    variants = p.exp.variants()
+    fitted_from = None if p.upcast else cached_histogram(inp.fork, inp.base.sha256)
+    if fitted_from is not None:  # the tables the sweep will fit (a pure computation): their runs are known
+        variants = [v.with_table(fit(v.fit, fitted_from)) if v.fit else v for v in variants]
+    states = {v.name: "cached" if finished_row(inp, v) else "to run" for v in variants}
+    hist = plan.history(inp.cache)
+    calibrated, near = None, plan.near_rates(hist, params)
+    if not near and not p.upcast:
+        log.warning("note: no earlier runs on a model of this size to time by: one chunk of the base is run to "
+                    "calibrate")
+        calibrated = perplexity.seconds_per_token(inp.fork, inp.base.path, inp.scoring, inp.llama_env) / (params / 1e9)
+    base_bytes = p.upcast or inp.base.path.stat().st_size
+    tokens = p.chunks * inp.ctx
+    rows = [(v.name, states[v.name], *plan.estimate(v.qtype, base_bytes / 2 ** 20, tokens, params, hist, calibrated))
+            for v in variants]
+    if p.upcast:
+        rows.insert(0, ("(F16 upcast)", "to make", plan.estimate("F16", base_bytes / 2 ** 20, 0, params, hist, None)[0], 0.0))
+    todo = [v for v in variants if states[v.name] != "cached"]
+    need = _disk_need(p, todo, opts.keep_models, base_bytes, hist)
+    header = (f"plan: {p.exp.name} on {p.model.name}: {len(variants)} variants, {len(todo)} to run; {inp.text.name}, "
+              f"-c {inp.ctx}, {inp.chunks or f'all ({p.chunks})'} chunks, {inp.threads} threads")
+    source = (f"perplexity timed from {sum(map(len, near.values()))} earlier runs here on models of about this size"
+              if near else "perplexity timed by a one-chunk calibration of the base" if calibrated else
+              "perplexity timed from earlier runs on models of another size (rough)" if hist.perplexity else
+              "no perplexity timing yet")
+    source += f", quantize from {sum(map(len, hist.quantize.values()))} earlier runs"
+    return plan.render(header, rows, need, opts.keep_models, inp.cache, source)

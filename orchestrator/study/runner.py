@@ -1,0 +1,220 @@
+"""Bring each variant of a study to a finished result, resumably: the per-variant runner and the
+local executor (the Ray one is study.cluster).
+
+Every step writes its output atomically, and result.json is written last, so a run killed at any
+moment is finished by the next one and a half-written file is never read as a result. A variant that
+fails in any way, expected or not, becomes a failed row with its reason and log, and the study goes on.
+Where the files live, and what they are called, is study.runs'.
+"""
+
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import filelock
+
+from ..errors import OrchestrateError, ToolError
+from ..files import read_json, write_atomic, write_json
+from ..tools import perplexity
+from ..tools.quantize import run_quantize
+from . import analysis, plan, stats
+from .base import scanned
+from .experiment import Variant
+from .runs import Inputs, RunDir, ScoreDir, run_dir, score_dir
+
+StepError = ToolError  # a step's failure, with its log
+
+
+@dataclass(frozen=True)
+class KldBase:
+    """The base's logits that --kld variants are scored against, and the base's tensor key."""
+    tensors: str
+    logits: Path
+
+
+def _quantize_step(inp: Inputs, v: Variant, run: RunDir, step) -> dict:
+    try:
+        res = run_quantize(inp.fork, inp.base.path, run.model, v.qtype, v.hooks, hist=run.hist, threads=inp.threads,
+                           progress=False, log_path=run.quantize_log, env=inp.llama_env,
+                           on_tensor=lambda k, n: step(v, f"quantize, {k}/{n} tensors", detail=True))
+    except OrchestrateError as e:
+        raise StepError(str(e), run.quantize_log) from None
+    res["file_bytes"] = run.model.stat().st_size
+    return res
+
+
+def _clear_leftovers(d: Path) -> None:
+    """What a killed step left half-written (temporary names only)."""
+    for leftover in [*d.glob(".quantize-*"), *d.glob(".*.partial"), *d.glob("*.partial"), *d.glob(".*.tmp")]:
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+
+def take_lock(lock: filelock.FileLock, v: Variant, step) -> filelock.FileLock:
+    """lock, acquired: at once, or after saying that another sweep holds it."""
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        step(v, "waiting for another sweep working on it")
+        lock.acquire()
+    return lock
+
+
+def finished_row(inp: Inputs, v: Variant) -> dict | None:
+    """The variant's result in this cache, if it is finished (the base's --kld logits may not be here:
+    a cluster node keeps its own)."""
+    result = run_dir(inp, v).result
+    if not result.exists():
+        return None
+    row = read_json(result)
+    return row if ScoreDir(Path(row["score_dir"])).scored() else None
+
+
+def scored(inp: Inputs, v: Variant, model: Path, sdir: ScoreDir, kld_base: KldBase | None, step) -> dict:
+    """The model's perplexity and per-token scores: from its score directory when a variant with
+    the same tensors was already scored, else measured now."""
+    base_logits = inp.kld and v.kind == "base"
+    sdir.path.mkdir(parents=True, exist_ok=True)
+    lock = take_lock(sdir.lock, v, step)
+    try:
+        if sdir.scored(base_logits):
+            return read_json(sdir.perplexity)
+        _clear_leftovers(sdir.path)
+        if inp.kld and v.kind != "base" and (kld_base is None or not kld_base.logits.exists()):
+            raise StepError("no KL-divergence base logits (the base variant failed)", sdir.log)
+        step(v, "perplexity")
+
+        def chunks(progress, elapsed):  # a 7B model's chunk takes minutes: say how far it is
+            left = progress.seconds_left(elapsed)
+            step(v, f"perplexity, {progress.done}/{progress.total or '?'} chunks"
+                    + (f", ~{plan.duration(left)} left" if left is not None else ""), detail=True)
+        res = perplexity.run(inp.fork, model, inp.scoring, sdir.log, sdir.scores, inp.llama_env,
+                             kld_base=kld_base.logits if kld_base and not base_logits else None,
+                             save_logits=sdir.logits if base_logits else None, on_chunks=chunks)
+        res["scored_for"] = v.name  # the variant it was measured for; others with its tensors share it
+        write_json(sdir.perplexity, res)
+        return res
+    finally:
+        lock.release()
+
+
+def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | None, step) -> dict:
+    """Bring one variant to a finished result (reusing whatever a previous run finished)."""
+    run = run_dir(inp, v)
+    run.path.mkdir(parents=True, exist_ok=True)
+    model = inp.base.path if v.kind == "base" else run.model
+    base_logits = inp.kld and v.kind == "base"
+    lock = take_lock(run.lock, v, step)
+    try:
+        if run.result.exists():
+            result = read_json(run.result)
+            if ScoreDir(Path(result["score_dir"])).scored(base_logits):
+                return result
+        _clear_leftovers(run.path)
+        a = read_json(run.analysis) if run.analysis.exists() else None
+        kld_tensors = kld_base.tensors if kld_base else None
+        needs_model = a is None or not score_dir(inp, a["tensor_key"], kld_tensors).scored(base_logits)
+        if v.kind != "base" and (not run.quantize.exists() or (needs_model and not model.exists())):
+            step(v, "quantize")
+            write_json(run.quantize, _quantize_step(inp, v, run, step))
+        if a is None:
+            step(v, "analyse")
+            a = analyse(inp, v, model, run)
+            write_json(run.analysis, a)
+        sdir = score_dir(inp, a["tensor_key"], kld_tensors)
+        p = scored(inp, v, model, sdir, kld_base, step)
+        result = assemble(inp, v, run, read_json(run.quantize) if v.kind != "base" else None, p, a)
+        result.update(tensor_key=a["tensor_key"], score_dir=str(sdir.path), scores_file=str(sdir.scores))
+        write_json(run.result, result)
+        return result
+    finally:
+        if not keep_models and v.kind != "base" and run.result.exists():
+            analysis.release(model)  # unmapped first, so the disk space is freed at once
+            model.unlink(missing_ok=True)
+        lock.release()
+
+
+def analyse(inp: Inputs, v: Variant, model: Path, run: RunDir) -> dict:
+    """The model's tensor key and zstd size (one read of the file); the coded sizes of its values and
+    the damage to each tensor, from what the hooks measured while quantizing."""
+    t0 = time.monotonic()
+    try:
+        out = analysis.model_stats(model)
+        if v.kind == "base":
+            out.update(scanned(inp.base), entropy_bpw=None, rle_bpw=None, damage=None)
+        else:
+            hooks = read_json(run.hist)
+            out.update(analysis.scan(model), **stats.coded_sizes(hooks, out["main_type"]))
+            out["damage"] = stats.damage(inp.base.path, model, hooks)
+    except OrchestrateError as e:
+        raise StepError(f"analysis of {model.name} failed: {e}", model) from None
+    out["seconds"] = time.monotonic() - t0
+    return out
+
+
+def assemble(inp: Inputs, v: Variant, run: RunDir, q: dict | None, p: dict, a: dict) -> dict:
+    spec = v.spec()
+    row = {"name": v.name, "kind": v.kind, "type": v.qtype or f"base ({'F16 upcast of ' + inp.base.upcast_from if inp.base.upcast_from else 'as given'})",
+           "main_type": a.get("main_type"), "tensor_types": a.get("types"),
+           "mode": spec["mode"], "radius": v.radius, "table": v.table.name if v.table else None, "status": "ok",
+           "ppl": p["ppl"], "ppl_err": p["ppl_err"], "ppl_chunks": p["chunks"], "scored_for": p["scored_for"]}
+    for k in ("kld", "kld_err", "same_top", "same_top_err", "rms_dp", "rms_dp_err"):
+        row[k] = p.get(k)
+    row.update(file_bytes=q["file_bytes"] if q else inp.base.path.stat().st_size, bpw=a["bpw"],
+               elements=a["elements"])
+    row["zero_fraction"] = row["isolated_zero_share"] = None
+    if q:
+        row["zero_fraction"], row["isolated_zero_share"] = stats.zero_stats(read_json(run.hist),
+                                                                             a.get("main_type"))
+    row.update(entropy_bpw=a["entropy_bpw"], rle_bpw=a["rle_bpw"], zstd_bpw=a["zstd_bpw"], zstd_sampled=a["zstd_sampled"],
+               weight_rel_rmse=a["damage"]["model_rel_rmse"] if a["damage"] else None)
+    row.update(quantize_seconds=q["seconds"] if q else 0.0, perplexity_seconds=p["seconds"],
+               analysis_seconds=a.get("seconds"),
+               commands=([q["command"]] if q else []) + [p["command"]], run_dir=str(run.path))
+    return row
+
+
+def failed_row(v: Variant, reason: str, log: Path | None) -> dict:
+    return {"name": v.name, "kind": v.kind, "type": v.qtype, "status": "failed", "reason": reason,
+            "log": str(log) if log else None}
+
+
+def unexpected_failure(inp: Inputs, v: Variant, e: Exception) -> dict:
+    """A failed row for an error nobody foresaw, with the full trace kept in the run directory."""
+    log = run_dir(inp, v).error_log
+    write_atomic(log, "".join(traceback.format_exception(e)))
+    return failed_row(v, f"internal error: {type(e).__name__}: {e}", log)
+
+
+def finish_row(v: Variant, row: dict) -> dict:
+    """Where this sweep found the table (a cached run may have had its twin elsewhere)."""
+    return {**row, "table_file": str(v.table.path) if v.table else None}
+
+
+def run_local(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit: dict, record) -> list[dict]:
+    """Every variant in turn, in this process (the base first: with --kld it provides the logits).
+    record(row) notes each finished variant's use in the cache."""
+    rows = []
+    kld_base = None
+    for v in variants:
+        t0 = time.monotonic()
+        worked = []
+
+        def step(var, what, detail=False):
+            worked.append(what)
+            display.step(var, what, detail)
+        try:
+            if v.name in unfit:
+                raise OrchestrateError(unfit[v.name])
+            row = finish_row(v, run_variant(inp, v, keep_models, kld_base, step))
+        except OrchestrateError as e:  # (a tool's failure keeps its log)
+            row = failed_row(v, str(e), getattr(e, "log", None))
+        except Exception as e:  # a bug must cost one variant, not the sweep
+            row = unexpected_failure(inp, v, e)
+        if v.kind == "base" and inp.kld and row["status"] == "ok":
+            kld_base = KldBase(row["tensor_key"], ScoreDir(Path(row["score_dir"])).logits)
+        record(row)
+        display.finished(v, row, time.monotonic() - t0, bool(worked))
+        rows.append(row)
+    return rows
