@@ -390,7 +390,7 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, kee
 @click.option("--damage", "damage_variant", default=None, help="Variant for the weight-error heat-map.")
 def plot(directory, damage_variant):
     """Redraw a sweep's figures and report from its results.json."""
-    from .report.report import redraw
+    from .driver import redraw
     for title, path in redraw(directory, damage_variant):
         click.echo(f"{directory / path}  ({title})")
 

@@ -221,3 +221,9 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Opt
               "no perplexity timing yet")
     source += f", quantize from {sum(map(len, hist.quantize.values()))} earlier runs"
     return plan.render(header, rows, need, opts.keep_models, inp.cache, source)
+
+
+def redraw(out: Path, damage_variant: str | None = None) -> list[tuple[str, str]]:
+    """`orchestrate plot DIR`: the report's figures and text again, from results.json alone."""
+    from .report import report
+    return report.redraw(out, damage_variant)

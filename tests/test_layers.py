@@ -65,6 +65,6 @@ def test_the_walk_sees_an_import_that_runs_back_up(tmp_path):
     fake = PKG / "study" / "_probe_for_test.py"
     fake.write_text("from ..report import report\n")
     try:
-        assert "report.report" in imports(fake) and layer("report") < layer("study.runner")
+        assert "report" in imports(fake) and layer("report") < layer("study.runner")
     finally:
         fake.unlink()

@@ -18,8 +18,7 @@ from ..hooks.tables import FITTED
 
 EXPERIMENT = Hooks(True)  # the experiments' mode with nothing set (a table is fitted in later)
 KEYS = {"name", "description", "types", "tables", "radius", "perplexity"}
-PPL_EXPERIMENT = Hooks(True)  # the experiments' mode with nothing set (a table is fitted in later)
-KEYS = {"ctx", "chunks"}
+PPL_KEYS = {"ctx", "chunks"}
 
 
 @dataclass(frozen=True)
