@@ -283,9 +283,10 @@ def conf():
 @click.argument("files", nargs=-1, required=True, type=UserPath())
 def conf_check(files):
     """Validate configuration files with the same rules as the fork's reader."""
+    from .files import check_not_special
     from .hooks.conf import parse_conf
     for f in files:
-        c = parse_conf(f)
+        c = parse_conf(check_not_special(f, "configuration"))
         table = c.table.name if c.table else "off"
         click.echo(f"{f}: ok (MODE={c.mode} Q4_0_RADIUS={c.radius} TABLE_MODE={table}"
                    f" HIST_OUT={c.hist_out or '(none)'})")

@@ -60,6 +60,20 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
 
 
+def check_not_special(path: Path, what: str) -> Path:
+    """A one-line error when path is a FIFO, socket or device (reading one would block or never end);
+    anything else is left to the reader, which says what it says of it."""
+    from .errors import OrchestrateError
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return Path(path)
+    for test, kind in _KINDS[:-1]:  # (a directory is the reader's to report)
+        if test(mode):
+            raise OrchestrateError(f"{what} {path} is {kind}, not a regular file")
+    return Path(path)
+
+
 def check_input_file(path: Path, what: str) -> Path:
     """`path` as a regular file that can be read, or a one-line error that says what it is instead
     (missing, a directory, a FIFO, a device, a symlink loop, unreadable)."""

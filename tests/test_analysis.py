@@ -144,13 +144,13 @@ def test_coded_sizes_from_the_hooks_equal_a_recount_from_the_file(q):
     from orchestrator import paths
     from orchestrator.hooks import conf
     table = conf.load_table(paths.conf_dir() / "tables" / "balanced.table")
-    for name, qtype, kw in (("r2-t2", "Q4_0", {"pablo": True, "radius": 2, "threads": 2}),
-                            ("r3", "Q4_0", {"pablo": True, "radius": 3}),
+    for name, qtype, kw in (("r2-t2", "Q4_0", {"hooks": Hooks(True, radius=2), "threads": 2}),
+                            ("r3", "Q4_0", {"hooks": Hooks(True, radius=3)}),
                             ("simple-hist-Q8_0", "Q8_0", {}),
-                            ("bal-t2", "Q8_0", {"pablo": True, "table": table, "threads": 2})):
+                            ("bal-t2", "Q8_0", {"hooks": Hooks(True, table=table), "threads": 2})):
         model, hist = q(name, qtype, **kw)
         doc = json.loads(hist.read_text())
-        if kw.get("table") is None:
+        if "hooks" not in kw or kw["hooks"].table is None:
             by_name = {e["name"]: e for e in doc["tensors"]}
             for t in analysis.hooked_tensors(analysis.open_model(model)):
                 counts, _ = stats.value_counts(t)

@@ -5,6 +5,7 @@ One table: each row is a command line run from a scratch directory holding the b
 (relative paths, as a user types them), and the words its one error line must contain.
 """
 
+import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,19 @@ FILES = {
     "results-bad/results.json": lambda demo: b"{ truncated",
     "results-other/results.json": lambda demo: b'{"schema": "something/else"}',
     "bad.conf": lambda demo: b"MODE = pablo\nQ4_0_RADIUS = 1\x00junk\n",
+    "dup.yaml": lambda demo: b"name: x\nname: y\n",
+    "alias.yaml": lambda demo: b"types: &t [Q4_0]\ntables: *t\n",
+    "bomb.yaml": lambda demo: b"description: &a [x, x, x, x, x, x, x, x, x]\nname: [*a, *a, *a, *a, *a, *a, *a]\n",
+    "escape.yaml": lambda demo: b"name: ../../escaped\ntypes: [Q4_0]\n",
+    "hidden-name.yaml": lambda demo: b"name: .hidden\n",
+    "free-text.yaml": lambda demo: b"description: {a: 1}\n",
+    "huge.yaml": lambda demo: b"# " + b"x" * (1 << 20) + b"\n",
+    "huge.table": lambda demo: b"# " + b"x" * (1 << 16) + b"\n",
 }
+# special files and links, made by the fixture: (name, kind)
+SPECIAL = [("fifo.gguf", "fifo"), ("fifo.txt", "fifo"), ("fifo.conf", "fifo"), ("fifo.table", "fifo"),
+           ("loop.gguf", "loop"), ("dangling.gguf", "dangling"), ("link-to-base.gguf", "symlink"),
+           ("base-hard.gguf", "hardlink")]
 DIRS = ["adir", "adir.gguf"]
 
 # (id, command line, words the one error line contains)
@@ -57,10 +70,44 @@ MATRIX = [
     ("sweep-twin-types", ["sweep", "--types", "Q4_0,q4_0", "--radius", "none", "--tables", "none", "--out", "out"],
      ["two variants would be named q4_0"]),
     ("sweep-unknown-key", ["sweep", "--config", "unknown-key.yaml", "--out", "out"], ["unknown-key.yaml", "colour"]),
-    ("sweep-missing-config", ["sweep", "--config", "nosuch.yaml", "--out", "out"], ["nosuch.yaml", "No such file"]),
+    ("sweep-missing-config", ["sweep", "--config", "nosuch.yaml", "--out", "out"], ["nosuch.yaml", "does not exist"]),
     ("sweep-directory-config", ["sweep", "--config", "adir", "--out", "out"], ["adir", "directory"]),
     ("sweep-bad-radius", ["sweep", "--radius", "0..9", "--out", "out"], ["radius", "0..7"]),
     ("sweep-bad-ctx", ["sweep", "--ctx", "4", "--out", "out"], ["--ctx"]),
+    # a text too short for what is asked: refused before any work, with the counts
+    ("sweep-short-text", ["sweep", "--text", "text.txt", "--out", "out"], ["text.txt", "tokens for this model", "need"]),
+    ("sweep-too-many-chunks", ["sweep", "--chunks", "999", "--out", "out"], ["999 chunks of -c 512 need 511488"]),
+    ("sweep-ctx-over-text", ["sweep", "--text", "text.txt", "--ctx", "4096", "--chunks", "0", "--out", "out"],
+     ["text.txt", "needs two windows", "8192"]),
+    # experiment files: bounded, one meaning per key
+    ("sweep-duplicate-key", ["sweep", "--config", "dup.yaml", "--out", "out"], ["dup.yaml", "line 2", "duplicate key 'name'"]),
+    ("sweep-yaml-alias", ["sweep", "--config", "alias.yaml", "--out", "out"], ["alias.yaml", "anchors and aliases"]),
+    ("sweep-yaml-bomb", ["sweep", "--config", "bomb.yaml", "--out", "out"], ["bomb.yaml", "anchors and aliases"]),
+    ("sweep-name-escapes", ["sweep", "--config", "escape.yaml", "--out", "out"], ["'../../escaped'", "cannot name a file"]),
+    ("sweep-name-hidden", ["sweep", "--config", "hidden-name.yaml", "--out", "out"], ["'.hidden'", "cannot name a file"]),
+    ("sweep-free-text", ["sweep", "--config", "free-text.yaml", "--out", "out"], ["description must be a string"]),
+    ("sweep-huge-config", ["sweep", "--config", "huge.yaml", "--out", "out"], ["huge.yaml", "at most 1048576"]),
+    ("sweep-huge-table", ["sweep", "--tables", "huge.table", "--out", "out"], ["huge.table", "at most 65536"]),
+    # special files and links where a regular file is expected
+    ("sweep-fifo-model", ["sweep", "--model", "fifo.gguf", "--out", "out"], ["fifo.gguf", "FIFO"]),
+    ("sweep-fifo-text", ["sweep", "--text", "fifo.txt", "--out", "out"], ["fifo.txt", "FIFO"]),
+    ("sweep-fifo-config", ["sweep", "--config", "fifo.txt", "--out", "out"], ["fifo.txt", "FIFO"]),
+    ("sweep-fifo-table", ["sweep", "--tables", "fifo.table", "--out", "out"], ["fifo.table", "FIFO"]),
+    ("sweep-loop-model", ["sweep", "--model", "loop.gguf", "--out", "out"], ["loop.gguf", "symbolic links"]),
+    ("sweep-dangling-model", ["sweep", "--model", "dangling.gguf", "--out", "out"], ["dangling.gguf", "symlink to nothing"]),
+    ("sweep-long-name", ["sweep", "--model", "m" * 300 + ".gguf", "--out", "out"], ["File name too long"]),
+    ("quantize-fifo", ["quantize", "fifo.gguf", "o.gguf", "Q4_0"], ["fifo.gguf", "FIFO"]),
+    ("quantize-loop", ["quantize", "loop.gguf", "o.gguf", "Q4_0"], ["loop.gguf", "symbolic links"]),
+    ("conf-fifo", ["conf", "check", "fifo.conf"], ["fifo.conf", "FIFO"]),
+    ("quantize-fifo-table", ["quantize", "{demo}", "o.gguf", "Q8_0", "--table", "fifo.table"], ["fifo.table", "FIFO"]),
+    # an output that is an input: refused before anything runs, whatever the link
+    ("quantize-out-is-model", ["quantize", "base-hard.gguf", "base-hard.gguf", "Q4_0"], ["output", "is the model"]),
+    ("quantize-out-is-symlink-to-model", ["quantize", "{demo}", "link-to-base.gguf", "Q4_0"], ["output", "is the model"]),
+    ("quantize-out-is-hardlink-to-model", ["quantize", "{demo}", "base-hard.gguf", "Q4_0"], ["output", "is the model"]),
+    ("quantize-out-relative-same", ["quantize", "base-hard.gguf", "./adir/../base-hard.gguf", "Q4_0"], ["is the model"]),
+    ("quantize-hist-is-model", ["quantize", "base-hard.gguf", "o.gguf", "Q4_0", "--hist", "base-hard.gguf"],
+     ["histogram file", "is the model"]),
+    ("quantize-hist-is-out", ["quantize", "{demo}", "o.gguf", "Q4_0", "--hist", "o.gguf"], ["one file"]),
     # tables fit
     ("tables-missing", ["tables", "fit", "nosuch.gguf"], ["nosuch.gguf", "does not exist"]),
     ("tables-directory", ["tables", "fit", "adir"], ["adir", "directory"]),
@@ -95,6 +142,19 @@ def scratch(fork, demo_base, tmp_path_factory):
         (d / rel).write_bytes(make(demo.demo_model()))
     for name in DIRS:
         (d / name).mkdir()
+    for name, kind in SPECIAL:
+        path = d / name
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "loop":
+            path.symlink_to(name)
+        elif kind == "dangling":
+            path.symlink_to("nowhere.gguf")
+        elif kind == "symlink":
+            path.symlink_to(demo_base)
+        else:  # a hard link needs the same file system; a copy's hard link shows the same
+            shutil.copyfile(demo_base, d / "base-copy.gguf")
+            os.link(d / "base-copy.gguf", path)
     return d
 
 
@@ -151,3 +211,41 @@ def test_broken_project_files(broken_project, tmp_path, command, rel, text, word
     for w in words:
         assert w in lines[0], lines[0]
     assert not (broken_project / "vendor").exists()
+
+
+def test_a_killed_quantize_leaves_nothing_the_next_run_keeps(fork, demo_base, tmp_path):
+    """A work directory left by a run killed with -9 (it holds a lock no more) is removed by the next
+    run for the same output; one a live run holds is not touched, and that second writer is refused."""
+    import fcntl
+    stale = tmp_path / ".quantize-o.gguf-killed"
+    stale.mkdir()
+    (stale / "o.gguf").write_bytes(b"half a model")
+    res = orchestrate("quantize", demo_base, "o.gguf", "Q4_0", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert not stale.exists() and not list(tmp_path.glob(".quantize-*"))
+    live = tmp_path / ".quantize-o.gguf-live"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        res = orchestrate("quantize", demo_base, "o.gguf", "Q4_0", cwd=tmp_path)
+        assert res.returncode == 1 and "another quantization is writing" in res.stderr and live.exists()
+    finally:
+        os.close(fd)
+
+
+def test_one_chunk_gives_no_interval_and_no_nan(fork, demo_base, tmp_path):
+    out = tmp_path / "out"
+    res = orchestrate("sweep", "--radius", "1", "--types", "Q4_0", "--tables", "none", "--chunks", "2", "--ctx", "128",
+                      "--out", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "too few for paired intervals" in res.stderr  # said before the work
+    cmp = orchestrate("compare", out, "q4_0-r1", "q4_0")
+    assert cmp.returncode == 0, cmp.stderr
+    assert "nan" not in cmp.stdout.lower() and "no verdict: 2 chunks scored" in cmp.stdout, cmp.stdout
+    assert "worse than" not in cmp.stdout and "better than" not in cmp.stdout
+    import json
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["paired"]["groups"] is None and "2 chunks scored" in doc["paired"]["unavailable"]
+    report = (out / "report.md").read_text()
+    assert "nan" not in report.lower() and "No intervals, verdicts or groups" in report

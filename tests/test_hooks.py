@@ -199,12 +199,12 @@ def test_cli_quantize_upcasts_and_cleans_up(fork, tmp_path):
 
 
 @pytest.mark.parametrize("name,qtype,kw", [
-    ("err-q4_0", "Q4_0", {}), ("err-r2", "Q4_0", {"pablo": True, "radius": 2}), ("err-table", "Q8_0", "balanced"),
+    ("err-q4_0", "Q4_0", {}), ("err-r2", "Q4_0", {"hooks": Hooks(True, radius=2)}), ("err-table", "Q8_0", "balanced"),
     ("err-q4_k_m", "Q4_K_M", {}), ("err-iq4_nl", "IQ4_NL", {}), ("err-bf16", "BF16", {})])
 def test_hooks_measure_the_error_an_independent_pass_finds(q, demo_base, name, qtype, kw):
     """The error sums the hooks take while quantizing agree with numpy's pass over both files (1e-6)."""
     if kw == "balanced":
-        kw = {"pablo": True, "table": conf.load_table(TABLES / "balanced.table")}
+        kw = {"hooks": Hooks(True, table=conf.load_table(TABLES / "balanced.table"))}
     out, h = q(name, qtype, **kw)
     hooks = json.loads(h.read_text())
     measured = [t for t in hooks["tensors"] if "sq_err" in t]
@@ -230,7 +230,7 @@ def _cpu_has_avx2():
 
 @pytest.mark.skipif(not _cpu_has_avx2(), reason="the hooks' AVX2 loops need an AVX2 CPU")
 @pytest.mark.parametrize("name,qtype,kw", [
-    ("err-r2", "Q4_0", {"pablo": True, "radius": 2}), ("q8-plain", "Q8_0", {}), ("err-q4_k_m", "Q4_K_M", {})])
+    ("err-r2", "Q4_0", {"hooks": Hooks(True, radius=2)}), ("q8-plain", "Q8_0", {}), ("err-q4_k_m", "Q4_K_M", {})])
 def test_the_hooks_avx2_and_portable_loops_give_the_same_bits(q, name, qtype, kw):
     """Counts and error sums are the same bits on an AVX2 CPU and on one without (PABLO_PORTABLE=1
     takes the portable C loops), so results do not depend on the machine that quantized."""

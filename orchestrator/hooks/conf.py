@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import paths
 from ..errors import OrchestrateError
-from ..files import write_atomic
+from ..files import check_not_special, write_atomic
 
 KEYS = (b"MODE", b"Q4_0_RADIUS", b"TABLE_MODE", b"TABLE_DIR", b"HIST_OUT")
 LEGACY_TABLES = {0: b"off", 1: b"basic", 2: b"balanced"}
@@ -261,11 +261,18 @@ def parse_conf(path: Path | bytes) -> Conf:
     return Conf(Path(_s(p)), pablo, radius, table, Path(_s(hist)) if hist is not None else None)
 
 
+MAX_TABLE_BYTES = 1 << 16  # 16 lines and their comments: anything near this is a mistake
+
+
 def table_arg(value: str, relative_to: Path | None = None) -> Table:
     """A table named by the user: a built-in name (conf/tables), or a .table file (relative to
     `relative_to`, default the current directory; `~` expanded)."""
     path = Path(relative_to or Path.cwd()) / Path(value).expanduser()
     if "/" in value or value.endswith(".table") or path.is_file():
+        check_not_special(path, "table")
+        if path.is_file() and path.stat().st_size > MAX_TABLE_BYTES:
+            raise OrchestrateError(f"table {path} is {path.stat().st_size} bytes; a table file is at most "
+                                   f"{MAX_TABLE_BYTES}")
         return load_table(path)
     builtin = paths.conf_dir() / "tables" / f"{value}.table"
     if not builtin.exists():
