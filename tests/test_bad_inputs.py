@@ -103,7 +103,7 @@ MATRIX = [
     # an output that is an input: refused before anything runs, whatever the link
     ("quantize-out-is-model", ["quantize", "base-hard.gguf", "base-hard.gguf", "Q4_0"], ["output", "is the model"]),
     ("quantize-out-is-symlink-to-model", ["quantize", "{demo}", "link-to-base.gguf", "Q4_0"], ["output", "is the model"]),
-    ("quantize-out-is-hardlink-to-model", ["quantize", "{demo}", "base-hard.gguf", "Q4_0"], ["output", "is the model"]),
+    ("quantize-out-is-hardlink-to-model", ["quantize", "base-copy.gguf", "base-hard.gguf", "Q4_0"], ["output", "is the model"]),
     ("quantize-out-relative-same", ["quantize", "base-hard.gguf", "./adir/../base-hard.gguf", "Q4_0"], ["is the model"]),
     ("quantize-hist-is-model", ["quantize", "base-hard.gguf", "o.gguf", "Q4_0", "--hist", "base-hard.gguf"],
      ["histogram file", "is the model"]),
