@@ -1,6 +1,5 @@
 """`sweep --plan` and the disk check of a real sweep."""
 
-import os
 import re
 import subprocess
 
