@@ -10,6 +10,7 @@ with the full trace.
 import datetime
 import functools
 import json
+import logging
 import os
 import signal
 import sys
@@ -527,6 +528,8 @@ def _interrupt(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # the library's notes (logging) go where its results go, one plain line each; errors go to stderr
+    logging.basicConfig(stream=sys.stdout, format="%(message)s", level=logging.INFO)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:
@@ -548,7 +551,8 @@ def _main(argv: list[str] | None) -> None:
         sys.exit(1)
     except click.exceptions.Abort:
         sig = _received[-1] if _received else signal.SIGINT
-        _say(f"interrupted ({signal.Signals(sig).name}); run the same command again to resume")
+        how = f" ({signal.Signals(sig).name})" if _received else ""
+        _say(f"interrupted{how}; run the same command again to resume")
         sys.exit(128 + sig)
     except click.ClickException as e:  # usage errors: one line, click's exit code
         _say(e.format_message())

@@ -256,13 +256,14 @@ def test_compare_prints_one_pair(demo_sweep):
 
 
 def test_kld_scores_reproduce_the_printed_statistics(fork, demo_base, tmp_path):
-    res = orchestrate("sweep", "--kld", "--radius", "1", "--tables", "none", "--types", "Q4_0", "--chunks", "3",
-                      "--ctx", "128", "--threads", "2", "--out", tmp_path)
+    # 8 chunks: the fewest with a paired interval (paired.MIN_CHUNKS), which the last check needs
+    res = orchestrate("sweep", "--kld", "--radius", "1", "--tables", "none", "--types", "Q4_0", "--chunks",
+                      str(paired.MIN_CHUNKS), "--ctx", "128", "--threads", "2", "--out", tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())["variants"]}
     for name in ("q4_0", "q4_0-r1"):
         s = scores.read(tmp_path / "scores" / f"{name}.bin")
-        assert list(s.arrays) == ["nll", "kld", "top"] and s.n_tokens == 3 * 63
+        assert list(s.arrays) == ["nll", "kld", "top"] and s.n_tokens == paired.MIN_CHUNKS * 63
         log = Path(rows[name]["score_dir"]) / "perplexity.log"
         nll = s.arrays["nll"].astype(np.float64).ravel()
         assert agrees(np.exp(nll.mean()), printed(log, "Mean PPL(Q)")[0]), name
