@@ -62,11 +62,10 @@ def _files(model: Path | None, text: Path | None) -> tuple[Path, Path]:
     return (check_input_file(model or demo.demo_model(), "model"), check_input_file(text or demo.demo_text(), "text"))
 
 
-def prepare(exp: Experiment, model: Path | None, text: Path | None, opts: Options, fork: Fork,
-            make_base: bool) -> Prepared:
-    """Everything a sweep or a plan checks before work. make_base: make the base's F16 upcast if needed
-    (a plan does not: it stands in a Base for it, which no run of exists)."""
-    model, text = _files(model, text)
+def prepare(exp: Experiment, model: Path, text: Path, opts: Options, fork: Fork, make_base: bool) -> Prepared:
+    """Everything a sweep or a plan checks before work, on the model and text _files found. make_base:
+    make the base's F16 upcast if needed (a plan does not: it stands in a Base for it, which no run of
+    exists)."""
     exp = exp.with_types(lambda t: canonical_type(fork, t))
     upcast = 0
     if not make_base and needs_upcast(model):
@@ -82,7 +81,7 @@ def prepare(exp: Experiment, model: Path | None, text: Path | None, opts: Option
     chunks = tokenize.check_text(tokens, exp.ctx, exp.chunks, text)
     if chunks < paired.MIN_CHUNKS:
         log.info("note: %s gives %d chunk%s at -c %d: too few for paired intervals (%d needed); perplexities "
-                    "are still measured", text.name, chunks, "s" if chunks != 1 else "", exp.ctx, paired.MIN_CHUNKS)
+                 "are still measured", text.name, chunks, "s" if chunks != 1 else "", exp.ctx, paired.MIN_CHUNKS)
     return Prepared(exp, model, inp, upcast, chunks)
 
 
@@ -160,8 +159,8 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         raise OrchestrateError(f"--reference {reference}: no such variant in {exp.name} "
                                f"(variants: {', '.join(names)})")
     reference = reference or default_reference(names)
-    model_path, _ = _files(model, text)
-    out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{model_path.stem}"
+    model, text = _files(model, text)
+    out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{model.stem}"
     with results.locked(out):
         fork = build.build(quiet=False, backend=opts.backend)
         p = prepare(exp, model, text, opts, fork, make_base=True)
@@ -170,7 +169,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         if inp.kld:
             size = kld_size_estimate(inp.base.path, p.chunks, inp.ctx)
             log.info("note: --kld stores the base's logits once (%s) under %s",
-                        f"about {size / 1e9:.1f} GB" if size else "size unknown", inp.cache / "scores")
+                     f"about {size / 1e9:.1f} GB" if size else "size unknown", inp.cache / "scores")
         if execute is run_local:  # (on a cluster, models and logits go to the workers' disks)
             todo = [v for v in p.exp.variants() if not finished_row(inp, v)]
             need = _disk_need(p, todo, opts.keep_models, inp.base.path.stat().st_size, plan.history(inp.cache))
@@ -191,7 +190,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
 def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Options = Options()) -> list[str]:
     """`sweep --plan`: the variants, which are cached, the disk at the peak against the free space,
     and the time, without running the sweep (at most a one-chunk calibration of the base)."""
-    p = prepare(exp, model, text, opts, build.current(opts.backend), make_base=False)
+    p = prepare(exp, *_files(model, text), opts, build.current(opts.backend), make_base=False)
     inp = p.inp
     params = plan.model_params(p.model)
     variants = p.exp.variants()
@@ -203,7 +202,7 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Opt
     calibrated, near = None, plan.near_rates(hist, params)
     if not near and not p.upcast:
         log.info("note: no earlier runs on a model of this size to time by: one chunk of the base is run to "
-                    "calibrate")
+                 "calibrate")
         calibrated = perplexity.seconds_per_token(inp.fork, inp.base.path, inp.scoring, inp.llama_env) / (params / 1e9)
     base_bytes = p.upcast or inp.base.path.stat().st_size
     tokens = p.chunks * inp.ctx

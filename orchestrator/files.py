@@ -56,21 +56,25 @@ def check_writable(path: Path, what: str) -> Path:
     return path
 
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+            (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_DIR = ((stat.S_ISDIR, "a directory"),)
+
+
+def _refuse_kind(path: Path, mode: int, what: str, kinds) -> None:
+    from .errors import OrchestrateError
+    for test, kind in kinds:
+        if test(mode):
+            raise OrchestrateError(f"{what} {path} is {kind}, not a regular file")
 
 
 def check_not_special(path: Path, what: str) -> Path:
     """A one-line error when path is a FIFO, socket or device (reading one would block or never end);
-    anything else is left to the reader, which says what it says of it."""
-    from .errors import OrchestrateError
+    anything else, a directory too, is left to the reader, which says what it says of it."""
     try:
-        mode = Path(path).stat().st_mode
+        _refuse_kind(path, Path(path).stat().st_mode, what, _SPECIAL)
     except OSError:
-        return Path(path)
-    for test, kind in _KINDS[:-1]:  # (a directory is the reader's to report)
-        if test(mode):
-            raise OrchestrateError(f"{what} {path} is {kind}, not a regular file")
+        pass
     return Path(path)
 
 
@@ -86,9 +90,7 @@ def check_input_file(path: Path, what: str) -> Path:
         raise OrchestrateError(f"{what} {path} " + ("is a symlink to nothing" if dangling else "does not exist")) from None
     except OSError as e:  # ELOOP, ENAMETOOLONG, EACCES on a parent, ...
         raise OrchestrateError(f"{what} {path}: {e.strerror}") from None
-    for test, kind in _KINDS:
-        if test(mode):
-            raise OrchestrateError(f"{what} {path} is {kind}, not a regular file")
+    _refuse_kind(path, mode, what, _SPECIAL + _DIR)
     if not os.access(path, os.R_OK):
         raise OrchestrateError(f"{what} {path} is not readable (permission denied)")
     return path

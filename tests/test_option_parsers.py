@@ -14,13 +14,20 @@ from orchestrator.study.experiment import parse_list, parse_radius
 TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
 
 
+def parsed(parse, value, option: str):
+    """parse(value), or None when it raised the CLI's error naming the option (anything else fails)."""
+    try:
+        return parse(value)
+    except OrchestrateError as e:
+        assert option in str(e)
+        return None
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.one_of(TEXT, st.from_regex(r"\s*\d{1,3}\s*(\.\.\s*\d{1,3}|(,\s*\d{1,3})*)\s*", fullmatch=True)))
 def test_radius_ranges(text):
-    try:
-        radii = parse_radius(text)
-    except OrchestrateError as e:
-        assert "radius" in str(e)
+    radii = parsed(parse_radius, text, "radius")
+    if radii is None:
         return
     assert radii == sorted(set(radii)) and all(0 <= r <= 7 for r in radii)
     assert radii or text.strip() == "none"
@@ -47,10 +54,8 @@ def test_type_lists(text):
 @settings(max_examples=500, deadline=None)
 @given(st.one_of(TEXT, st.from_regex(r"\s*\d{1,4}(\.\d{1,3})?\s*[mhdwy]?\s*", fullmatch=True)))
 def test_durations(text):
-    try:
-        seconds = parse_age(text)
-    except OrchestrateError as e:
-        assert "--older-than" in str(e)
+    seconds = parsed(parse_age, text, "--older-than")
+    if seconds is None:
         return
     assert math.isfinite(seconds) and seconds >= 0
 
@@ -58,10 +63,8 @@ def test_durations(text):
 @settings(max_examples=500, deadline=None)
 @given(st.lists(TEXT, max_size=4))
 def test_llama_env(pairs):
-    try:
-        env = _llama_env(tuple(pairs))
-    except OrchestrateError as e:
-        assert "--llama-env" in str(e)
+    env = parsed(_llama_env, tuple(pairs), "--llama-env")
+    if env is None:
         return
     for p in pairs:
         key, _, value = p.partition("=")

@@ -24,9 +24,6 @@ from .base import scanned
 from .experiment import Variant
 from .runs import Inputs, RunDir, ScoreDir, run_dir, score_dir
 
-StepError = ToolError  # a step's failure, with its log
-
-
 @dataclass(frozen=True)
 class KldBase:
     """The base's logits that --kld variants are scored against, and the base's tensor key."""
@@ -40,7 +37,7 @@ def _quantize_step(inp: Inputs, v: Variant, run: RunDir, step) -> dict:
                            progress=False, log_path=run.quantize_log, env=inp.llama_env,
                            on_tensor=lambda k, n: step(v, f"quantize, {k}/{n} tensors", detail=True))
     except OrchestrateError as e:
-        raise StepError(str(e), run.quantize_log) from None
+        raise ToolError(str(e), run.quantize_log) from None
     res["file_bytes"] = run.model.stat().st_size
     return res
 
@@ -82,7 +79,7 @@ def scored(inp: Inputs, v: Variant, model: Path, sdir: ScoreDir, kld_base: KldBa
             return read_json(sdir.perplexity)
         _clear_leftovers(sdir.path)
         if inp.kld and v.kind != "base" and (kld_base is None or not kld_base.logits.exists()):
-            raise StepError("no KL-divergence base logits (the base variant failed)", sdir.log)
+            raise ToolError("no KL-divergence base logits (the base variant failed)", sdir.log)
         step(v, "perplexity")
 
         def chunks(progress, elapsed):  # a 7B model's chunk takes minutes: say how far it is
@@ -148,7 +145,7 @@ def analyse(inp: Inputs, v: Variant, model: Path, run: RunDir) -> dict:
             out.update(analysis.scan(model), **stats.coded_sizes(hooks, out["main_type"]))
             out["damage"] = stats.damage(inp.base.path, model, hooks)
     except OrchestrateError as e:
-        raise StepError(f"analysis of {model.name} failed: {e}", model) from None
+        raise ToolError(f"analysis of {model.name} failed: {e}", model) from None
     out["seconds"] = time.monotonic() - t0
     return out
 
