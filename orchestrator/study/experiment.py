@@ -137,7 +137,8 @@ def load_experiment(path: Path | None = None) -> Experiment:
         if key in ppl and (not isinstance(ppl[key], int) or ppl[key] < (16 if key == "ctx" else 0)):
             raise OrchestrateError(f"{path}: perplexity.{key} must be a whole number"
                                    + (" >= 16" if key == "ctx" else " >= 0"))
-    exp = Experiment(name=check_name(data.get("name") or path.stem, f"{path}: experiment name"), types=[t.upper() for t in str_list("types")],
+    exp = Experiment(name=check_name(data.get("name") or path.stem, f"{path}: experiment name"),
+                     types=[t.upper() for t in str_list("types")],
                      tables=str_list("tables"), radius=sorted(set(radius)), ctx=ppl.get("ctx", 512),
                      chunks=ppl.get("chunks", 20), description=(data.get("description") or "").strip(),
                      table_dir=path.resolve().parent)

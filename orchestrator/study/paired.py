@@ -5,11 +5,11 @@ share (some are hard for every variant) and compare far more sharply than each v
 error bar. Tokens of one chunk are not independent (they share a context window); chunks are
 the independent units: the standard error is that of the chunk means of the differences, and
 the confidence interval is a bootstrap over chunks, with a fixed seed so that a report is
-reproducible. The mean NLL difference is ln(PPL(a) / PPL(b)).
+reproducible.
 
-A plain percentile bootstrap is too narrow over few units (simulated, tests/test_paired.py: 90%
-coverage at 10 chunks, 93% at 20, for a nominal 95%), so the interval is the *expanded* percentile
-bootstrap: the percentiles taken at the level alpha' = 2 Phi(-sqrt(n/(n-1)) t_{alpha/2, n-1}), which
+A plain percentile bootstrap is too narrow over few units (simulated on chunk data like
+tests/test_paired.py's: 90% coverage at 10 chunks, 93% at 20, for a nominal 95%), so the interval
+is the *expanded* percentile bootstrap: the percentiles taken at the level alpha' = 2 Phi(-sqrt(n/(n-1)) t_{alpha/2, n-1}), which
 widens it as Student's t would over n units. Simulated on chunk data like a sweep's (normal-ish chunk
 means): 93.8% at 6 chunks, 94.7% at 8, 95% beyond. It assumes that chunk means are roughly
 symmetric: for strongly skewed ones (log-normal) it covers about 89%. Below MIN_CHUNKS no interval,

@@ -24,6 +24,7 @@ from .base import scanned
 from .experiment import Variant
 from .runs import Inputs, RunDir, ScoreDir, run_dir, score_dir
 
+
 @dataclass(frozen=True)
 class KldBase:
     """The base's logits that --kld variants are scored against, and the base's tensor key."""
