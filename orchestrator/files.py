@@ -24,8 +24,8 @@ def _umask() -> int:
 
 def write_atomic(dest: Path, data: bytes | str) -> Path:
     dest = Path(dest)
-    if isinstance(data, str):
-        data = data.encode(ENCODING)
+    if isinstance(data, str):  # (a path's undecodable bytes, held as surrogates, are written as they were)
+        data = data.encode(ENCODING, "surrogateescape")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name + ".", suffix=".tmp")
     try:
@@ -129,7 +129,10 @@ SAFE_NAME = re.compile(r"[^/\x00-\x1f\x7f.\-][^/\x00-\x1f\x7f]{0,99}")
 
 
 def check_name(name: str, what: str) -> str:
+    """name, when it can be one file name under a directory (and in the JSON that names it)."""
     from .errors import OrchestrateError
+    if printable(name) != name:
+        raise OrchestrateError(f"{what} {printable(name)!r} is not valid UTF-8: rename what it comes from")
     if not SAFE_NAME.fullmatch(name):
         raise OrchestrateError(f"{what} {name!r} cannot name a file: 1-100 characters without '/' or control "
                                "characters, not starting with '.' or '-'")
@@ -142,7 +145,17 @@ def read_text(path: Path) -> str:
 
 
 def write_json(path: Path, data) -> Path:
-    return write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))
+    text = json.dumps(data, indent=1, ensure_ascii=False)
+    try:
+        text.encode(ENCODING)
+    except UnicodeEncodeError:  # a path's undecodable bytes (surrogates): escaped, so they read back exactly
+        text = json.dumps(data, indent=1)
+    return write_atomic(path, text)
+
+
+def printable(text: str) -> str:
+    """text with what UTF-8 cannot hold (a path's undecodable bytes) written as backslash escapes."""
+    return text.encode(ENCODING, "backslashreplace").decode(ENCODING)
 
 
 def read_json(path: Path):

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .files import printable
+
 # Variables that silently change what llama.cpp computes or reads: every command-line option
 # (LLAMA_ARG_*), debug and disable switches (LLAMA_*, GGML_*), our hook configuration. What a
 # user wants to pass goes through `--llama-env` and into the run's cache key instead.
@@ -27,7 +29,7 @@ def run_logged(cmd: list[str], log, on_line: Callable[[str], None] | None = None
     """Run cmd, writing its merged output to the open file `log`; return (exit code, seconds).
     on_line gets each whole line; on_output each piece of output as it comes, cut anywhere (a tool
     that reports progress without ending its line, like llama-perplexity's chunks, is seen at once)."""
-    log.write(f"$ {' '.join(map(str, cmd))}\n")
+    log.write(printable(f"$ {' '.join(map(str, cmd))}\n"))
     log.flush()
     t0 = time.monotonic()
     proc = subprocess.Popen(DIE_WITH_PARENT + [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -94,7 +94,8 @@ def git(cwd, *args):
 def orchestrate(*args, env=None, cwd=None, check=False):
     """Run the real CLI in a subprocess (as a user would)."""
     res = subprocess.run([sys.executable, "-m", "orchestrator", *map(str, args)], capture_output=True,
-                         text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+                         encoding="utf-8", errors="surrogateescape",  # a path's bytes, printed as they are
+                         env={**os.environ, **(env or {})}, cwd=cwd)
     if check and res.returncode != 0:
         raise AssertionError(f"orchestrate {args} failed:\n{res.stdout}\n{res.stderr}")
     return res

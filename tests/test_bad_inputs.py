@@ -7,11 +7,13 @@ One table: each row is a command line run from a scratch directory holding the b
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import orchestrate
+from conftest import need_root, orchestrate
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,6 +35,7 @@ FILES = {
     "free-text.yaml": lambda demo: b"description: {a: 1}\n",
     "huge.yaml": lambda demo: b"# " + b"x" * (1 << 20) + b"\n",
     "huge.table": lambda demo: b"# " + b"x" * (1 << 16) + b"\n",
+    "t\udcff.table": lambda demo: (HERE.parent / "conf" / "tables" / "basic.table").read_bytes(),  # name: not UTF-8
 }
 # special files and links, made by the fixture: (name, kind)
 SPECIAL = [("fifo.gguf", "fifo"), ("fifo.txt", "fifo"), ("fifo.conf", "fifo"), ("fifo.table", "fifo"),
@@ -87,6 +90,8 @@ MATRIX = [
     ("sweep-name-hidden", ["sweep", "--config", "hidden-name.yaml", "--out", "out"], ["'.hidden'", "cannot name a file"]),
     ("sweep-free-text", ["sweep", "--config", "free-text.yaml", "--out", "out"], ["description must be a string"]),
     ("sweep-huge-config", ["sweep", "--config", "huge.yaml", "--out", "out"], ["huge.yaml", "at most 1048576"]),
+    ("sweep-table-name-not-utf8", ["sweep", "--tables", "t\udcff.table", "--out", "out"],
+     ["table file", "is not valid UTF-8"]),
     ("sweep-huge-table", ["sweep", "--tables", "huge.table", "--out", "out"], ["huge.table", "at most 65536"]),
     # special files and links where a regular file is expected
     ("sweep-fifo-model", ["sweep", "--model", "fifo.gguf", "--out", "out"], ["fifo.gguf", "FIFO"]),
@@ -249,3 +254,85 @@ def test_one_chunk_gives_no_interval_and_no_nan(fork, demo_base, tmp_path):
     assert doc["paired"]["groups"] is None and "2 chunks scored" in doc["paired"]["unavailable"]
     report = (out / "report.md").read_text()
     assert "nan" not in report.lower() and "No intervals, verdicts or groups" in report
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A read-only file system (root can write anywhere else, so permissions alone would not do)."""
+    need_root("mounting a read-only tmpfs")
+    d = tmp_path / "ro"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "none", str(d)], check=True)
+    yield d
+    subprocess.run(["umount", str(d)], check=True)
+
+
+def test_read_only_outputs_are_one_line(fork, demo_base, read_only, tmp_path):
+    for args, words in ((["quantize", demo_base, read_only / "o.gguf", "Q4_0"], "not writable"),
+                        (["sweep", "--radius", "1", "--out", read_only / "out"], "cannot create output directory"),
+                        (["tables", "fit", demo_base, "--out", read_only / "t"], "not writable")):
+        res = orchestrate(*args, cwd=tmp_path)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1 and words in lines[0], (args, res.stderr)
+        assert "Traceback" not in res.stderr
+
+
+def test_the_error_handler_cannot_fail(read_only, tmp_path):
+    """An unexpected error whose cache (the usual place for its trace) is read-only, and an error message
+    that no encoding can print as it is: still one line each, and exit 1."""
+    import json
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text(json.dumps({"schema": "orchestrate.sweep/1", "variants": 7}))
+    env = {"ORCHESTRATE_CACHE": str(read_only / "cache"), "TMPDIR": str(read_only), "HOME": str(read_only)}
+    res = orchestrate("plot", broken, env=env)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert lines[0].startswith("error: internal error: TypeError")
+    log = Path(lines[0].rsplit("full trace: ", 1)[1])  # the trace went elsewhere (the system's temporary directory)
+    assert not log.is_relative_to(read_only) and "Traceback" in log.read_text()
+    log.unlink()
+    # a variant named by a lone surrogate (valid JSON, not encodable as UTF-8)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "results.json").write_text(json.dumps({"schema": "orchestrate.sweep/1", "variants": [
+        {"name": "\ud800", "status": "ok"}, {"name": "b", "status": "ok"}]}))
+    res = subprocess.run([sys.executable, "-m", "orchestrator", "compare", str(odd), "\udcff", "b"],
+                         capture_output=True, env={**os.environ, **env})
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith(b"error: "), res.stderr
+
+
+def test_home_unset_still_works_or_says_why(fork, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "ORCHESTRATE_CACHE", "XDG_CACHE_HOME")}
+    for args in (["info"], ["conf", "check", str(tmp_path / "nosuch.conf")]):
+        res = subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, env=env)
+        assert "Traceback" not in res.stderr, res.stderr
+        assert res.returncode == 0 or len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+@pytest.mark.parametrize("name", [b"m\xff\xfe.gguf", b"m\nnewline.gguf", b"-dash.gguf", b"m with spaces.gguf",
+                                  b"\xc3\xb1and\xc3\xba.gguf"], ids=["not-utf8", "newline", "leading-dash", "spaces", "n-tilde"])
+def test_any_path_works_or_is_one_line(fork, demo_base, tmp_path, name):
+    """Paths a shell can make: quantize from and to them, and sweep's plan on them, either work or say
+    why in one line (a pablo.conf cannot hold a newline: that is refused by name)."""
+    d = os.fsencode(tmp_path)
+    model = os.path.join(d, name)
+    os.link(demo_base, model) if os.stat(demo_base).st_dev == os.stat(d).st_dev else shutil.copyfile(demo_base, model)
+    out = os.path.join(d, b"out-" + name)
+    res = subprocess.run([sys.executable, "-m", "orchestrator", "quantize", "--radius", "1", "--hist",
+                          os.path.join(d, b"h-" + name + b".json"), "--", model, out, "Q4_0"],
+                         capture_output=True, cwd=tmp_path)
+    assert b"Traceback" not in res.stderr, res.stderr
+    if res.returncode == 0:
+        assert os.path.getsize(out) > 50 << 20
+        sweep = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "--model", model, "--radius", "1",
+                                "--types", "none", "--tables", "none", "--chunks", "2", "--ctx", "128",
+                                "--llama-env", f"ORCHESTRATE_TEST_RUN={os.urandom(4).hex()}",  # really runs
+                                "--out", os.path.join(d, b"sweep-" + name)], capture_output=True, cwd=tmp_path)
+        assert sweep.returncode == 0 and b"Traceback" not in sweep.stderr, sweep.stderr[-2000:]
+        assert os.path.exists(os.path.join(d, b"sweep-" + name, b"report.md"))
+    else:
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith(b"error: "), res.stderr
+        assert b"\n" in name and b"newline" in lines[0] and not os.path.exists(out)

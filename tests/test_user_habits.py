@@ -272,3 +272,31 @@ def test_written_files_respect_the_umask_and_leave_no_temp(tmp_path):
     finally:
         os.umask(old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_term_and_hangup_unwind_like_ctrl_c(home, tmp_path, sig):
+    """Killed politely mid-quantize: one line naming the signal, exit 128+n, no temporary file left in
+    the run cache or the output, and the same command resumes."""
+    import signal
+    from orchestrator.paths import fresh_cache
+    cache = fresh_cache(tmp_path / "cache")
+    args = [sys.executable, "-m", "orchestrator", "sweep", "--model", "my-model-f16.gguf", "--text", "notes.txt",
+            "--types", "Q4_0,Q5_0", "--radius", "none", "--tables", "none", "--out", f"sweeps/{sig}", *SMALL]
+    env = {**os.environ, "ORCHESTRATE_CACHE": str(cache)}
+    proc = subprocess.Popen(args, cwd=home, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "q5_0: quantize" in line:
+            break
+    proc.send_signal(getattr(signal, sig))
+    err = "".join(seen) + proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + getattr(signal, sig), err
+    assert err.strip().splitlines()[-1] == f"error: interrupted ({sig}); run the same command again to resume"
+    assert "Traceback" not in err
+    left = [p for p in [*(cache / "runs").rglob("*"), *(home / "sweeps" / sig).rglob("*")]
+            if p.name.startswith(".quantize-") or p.name.endswith((".tmp", ".partial"))]
+    assert left == [], left
+    res = subprocess.run(args, cwd=home, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]

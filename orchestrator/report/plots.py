@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..files import read_json, write_atomic  # noqa: E402
+from ..files import printable, read_json, write_atomic  # noqa: E402
 
 RUN_LABELS = [str(i) for i in range(1, 16)] + ["≥16"]
 PR_SET_PDEATHSIG = 1  # prctl(2), Linux
@@ -48,7 +48,7 @@ def _subtitle(doc) -> str:
         f"{doc['perplexity']['chunks'] or 'all'} chunks"
     if doc["base_upcast_from"]:
         s += f"\nbase = F16 upcast of a {doc['base_upcast_from']} model"
-    return s
+    return printable(s)  # (a file name's undecodable bytes cannot be drawn)
 
 
 def _yerr(rows):

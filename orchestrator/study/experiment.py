@@ -72,6 +72,7 @@ class Experiment:
         out += [Variant(f"q4_0-r{r}", "radius", "Q4_0", Hooks(True, radius=r)) for r in self.radius]
         seen: dict[str, Variant] = {}
         for v in out:
+            check_name(v.name, "variant name" + (f" (from the table file {v.table.path})" if v.table else ""))
             twin = seen.setdefault(v.name.lower(), v)
             if twin is not v:
                 what = (f"two tables named '{v.table.name}' ({twin.table.path} and {v.table.path}): rename one file"
