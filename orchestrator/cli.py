@@ -527,9 +527,27 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+# Where the library's notes (logging) reach the terminal, one plain line each: a study's notes and the
+# laying down of an upstream beside the results on stdout; everything else (builds, downloads, the base)
+# with the progress on stderr.
+STDOUT_LOGGERS = ("orchestrator.driver", "orchestrator.fork.upstream")
+
+
+def _route_logging() -> None:
+    def handler(stream) -> logging.Handler:
+        h = logging.StreamHandler(stream)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        return h
+    root = logging.getLogger("orchestrator")
+    root.setLevel(logging.INFO)
+    root.addHandler(handler(sys.stderr))
+    for name in STDOUT_LOGGERS:
+        logging.getLogger(name).addHandler(handler(sys.stdout))
+        logging.getLogger(name).propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
-    # the library's notes (logging) go where its results go, one plain line each; errors go to stderr
-    logging.basicConfig(stream=sys.stdout, format="%(message)s", level=logging.INFO)
+    _route_logging()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:

@@ -29,7 +29,7 @@ from .study.runs import Inputs
 from .tools import perplexity, tokenize
 from .tools.quantize import canonical_type, needs_imatrix
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 ALL_LAYERS = 999  # -ngl for "every layer on the GPU"
 
 
@@ -80,7 +80,7 @@ def prepare(exp: Experiment, model: Path, text: Path, opts: Options, fork: Fork,
     tokens = tokenize.count_tokens(fork, model, file_id(model), text, inp.text_id)  # the source's vocabulary
     chunks = tokenize.check_text(tokens, exp.ctx, exp.chunks, text)
     if chunks < paired.MIN_CHUNKS:
-        log.info("note: %s gives %d chunk%s at -c %d: too few for paired intervals (%d needed); perplexities "
+        logger.info("note: %s gives %d chunk%s at -c %d: too few for paired intervals (%d needed); perplexities "
                  "are still measured", text.name, chunks, "s" if chunks != 1 else "", exp.ctx, paired.MIN_CHUNKS)
     return Prepared(exp, model, inp, upcast, chunks)
 
@@ -168,7 +168,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         inp = p.inp
         if inp.kld:
             size = kld_size_estimate(inp.base.path, p.chunks, inp.ctx)
-            log.info("note: --kld stores the base's logits once (%s) under %s",
+            logger.info("note: --kld stores the base's logits once (%s) under %s",
                      f"about {size / 1e9:.1f} GB" if size else "size unknown", inp.cache / "scores")
         if execute is run_local:  # (on a cluster, models and logits go to the workers' disks)
             todo = [v for v in p.exp.variants() if not finished_row(inp, v)]
@@ -201,7 +201,7 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Opt
     hist = plan.history(inp.cache)
     calibrated, near = None, plan.near_rates(hist, params)
     if not near and not p.upcast:
-        log.info("note: no earlier runs on a model of this size to time by: one chunk of the base is run to "
+        logger.info("note: no earlier runs on a model of this size to time by: one chunk of the base is run to "
                  "calibrate")
         calibrated = perplexity.seconds_per_token(inp.fork, inp.base.path, inp.scoring, inp.llama_env) / (params / 1e9)
     base_bytes = p.upcast or inp.base.path.stat().st_size

@@ -5,6 +5,7 @@ settings apply. Archives are cached outside the repository and verified on every
 """
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from . import paths, stream
 from .errors import OrchestrateError
+
+logger = logging.getLogger(__name__)
 
 
 def sha256_of(path: Path) -> str:
@@ -42,7 +45,7 @@ def fetch_package(package: str, version: str, filename: str, sha256: str | None,
     dest = paths.cache_dir() / "downloads" / filename
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {package}=={version} from the package index ...", file=sys.stderr)
+        logger.info(f"downloading {package}=={version} from the package index ...")
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                    "--dest", tmp, f"{package}=={version}"]

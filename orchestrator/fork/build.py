@@ -8,11 +8,11 @@ the identity nor breaks an existing build directory.
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,8 @@ from ..errors import OrchestrateError
 from ..files import read_json, read_text, write_json
 from ..proc import Progress, run_logged
 from . import patches, upstream
+
+logger = logging.getLogger(__name__)
 
 TARGETS = ["llama-quantize", "llama-perplexity", "llama-tokenize"]  # the shared libraries come with them
 CMAKE_OPTIONS = [
@@ -183,19 +185,19 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
     st = patches.status(repo, pdir)
     if st.drifted:
         # A developer editing the fork: build what is there, never throw edits away.
-        print("warning: vendor/llama.cpp has edits no patch holds; building the tree as it is "
-              "(`orchestrate patches status` for details)", file=sys.stderr)
+        logger.warning("warning: vendor/llama.cpp has edits no patch holds; building the tree as it is "
+                       "(`orchestrate patches status` for details)")
     else:
         done = patches.apply_series(repo, pdir)
         if done and not quiet:
-            print(f"applied {len(done)} patch(es): {', '.join(done)}", file=sys.stderr)
+            logger.info(f"applied {len(done)} patch(es): {', '.join(done)}")
     bdir = build_dir(backend)
     stamp = inputs_stamp(repo, pin, CMAKE_OPTIONS + BACKENDS[backend])
     stamp_path = bdir / STAMP
     fork = Fork(bdir, stamp)
     if _read_stamp(stamp_path) == stamp and all(fork.binary(t).exists() for t in TARGETS):
         if say_up_to_date:
-            print(f"fork is up to date ({bdir})", file=sys.stderr)
+            logger.info(f"fork is up to date ({bdir})")
         return fork
 
     bdir.mkdir(parents=True, exist_ok=True)
@@ -216,12 +218,12 @@ def build(pin: upstream.Pin | None = None, jobs: int | None = None, quiet: bool 
         except subprocess.CalledProcessError:
             log.flush()
             tail = read_text(log_path).splitlines()[-15:]
-            print("\n".join(tail), file=sys.stderr)
+            logger.error("\n".join(tail))
             need = f" (the {backend} backend needs {NEEDS[backend]})" if backend in NEEDS else ""
             raise OrchestrateError(f"build of the fork failed{need}; full log: {log_path}") from None
     write_json(stamp_path, stamp)
     if not quiet:
-        print(f"built fork {stamp['id']} in {time.monotonic() - t0:.0f} s; log: {log_path}", file=sys.stderr)
+        logger.info(f"built fork {stamp['id']} in {time.monotonic() - t0:.0f} s; log: {log_path}")
     return fork
 
 

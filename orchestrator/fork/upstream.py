@@ -6,6 +6,7 @@ first commit is the pristine upstream tree, tagged `upstream`, so every later ch
 """
 
 import io
+import logging
 import shutil
 import tarfile
 import tempfile
@@ -19,6 +20,8 @@ from .. import paths
 from ..errors import OrchestrateError
 from ..fetch import fetch_package
 from ..files import read_json, write_json
+
+logger = logging.getLogger(__name__)
 
 UPSTREAM_TAG = "upstream"
 STATE_FILE = "orchestrate.json"  # inside .git/: which patches are applied as which commits
@@ -190,7 +193,7 @@ def ensure_vendor(pin: Pin, vendor: Path | None = None) -> git.Repo:
             raise OrchestrateError(
                 f"{vendor} is for another upstream pin and holds edits no patch has: "
                 "commit and `orchestrate patches export` them, or remove the directory")
-        print(f"upstream pin changed; replacing {vendor}", flush=True)
+        logger.info(f"upstream pin changed; replacing {vendor}")
         shutil.rmtree(vendor)
     elif vendor.exists():
         raise OrchestrateError(f"{vendor} exists but is not a git repository: remove it and run again")
@@ -198,7 +201,7 @@ def ensure_vendor(pin: Pin, vendor: Path | None = None) -> git.Repo:
     vendor.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=vendor.parent))
     try:
-        print(f"laying down upstream {pin.ident()} ...", flush=True)
+        logger.info(f"laying down upstream {pin.ident()} ...")
         materialize(pin, tmp / "tree")
         init_repo(tmp / "tree", pin)
         (tmp / "tree").rename(vendor)

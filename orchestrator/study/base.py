@@ -6,7 +6,7 @@ model whose weights are already quantized gets an F16 upcast made once and cache
 every report says so.
 """
 
-import sys
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,8 @@ from ..files import check_input_file, read_json, write_json
 from ..fork.build import Fork
 from ..tools.quantize import run_quantize
 from . import analysis
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,7 @@ def file_id(path: Path) -> str:
         known = {}
     if key not in known:
         if st.st_size > 1 << 30:  # minutes for a 70B model: say why nothing else happens meanwhile
-            print(f"note: reading {path.name} ({st.st_size / 1e9:.1f} GB) once to identify it (sha256)",
-                  file=sys.stderr, flush=True)
+            logger.info(f"note: reading {path.name} ({st.st_size / 1e9:.1f} GB) once to identify it (sha256)")
         known[key] = sha256_of(path)
         write_json(memo, known)
     return known[key]
@@ -107,8 +108,8 @@ def prepare_base(model: Path, fork: Fork) -> Base:
     dest = upcast_path(model, sha)
     label = ftype or "/".join(quantized)
     if not dest.exists():
-        print(f"note: {model.name} is already quantized ({label}); making an F16 upcast of it as the base "
-              f"(its 'F16' results describe an upcast of a {label} model)", file=sys.stderr)
+        logger.info(f"note: {model.name} is already quantized ({label}); making an F16 upcast of it as the base "
+                    f"(its 'F16' results describe an upcast of a {label} model)")
         run_quantize(fork, model, dest, "F16", extra=["--allow-requantize"], log_path=dest.with_suffix(".log"))
     up_sha = file_id(dest)
     return Base(dest, up_sha, describe(dest, up_sha)[0], model.resolve(), sha, label)
