@@ -86,7 +86,7 @@ def test_write_then_parse_round_trips(tmp_path):
     t = conf.load_table(TABLES / "balanced.table")
     p = conf.write_conf(tmp_path / "pablo.conf", conf.Hooks(True, 2, t), tmp_path / "h.json")
     c = conf.parse_conf(p)
-    assert (c.pablo, c.radius, c.table.level, c.hist_out) == (True, 2, t.level, tmp_path / "h.json")
+    assert (c.experiment, c.radius, c.table.level, c.hist_out) == (True, 2, t.level, tmp_path / "h.json")
     assert [x.name for x in tmp_path.iterdir()] == ["pablo.conf"]  # no temp file left
 
 

@@ -161,14 +161,14 @@ def load_table(path: Path | bytes, name: str | None = None) -> Table:
 @dataclass(frozen=True)
 class Conf:
     path: Path
-    pablo: bool
+    experiment: bool  # MODE = pablo: the experiments' mode (else simple: stock values)
     radius: int = 0
     table: Table | None = None
     hist_out: Path | None = None
 
     @property
     def mode(self) -> str:
-        return "pablo" if self.pablo else "simple"
+        return "pablo" if self.experiment else "simple"
 
 
 def _find_table(value: bytes, conf: bytes, table_dir: bytes | None, line: int) -> Table:
@@ -203,7 +203,7 @@ def _check_hist_out(conf: bytes, line: int, hist: bytes) -> None:
 def parse_conf(path: Path | bytes) -> Conf:
     p = os.fsencode(path)
     seen: set[bytes] = set()
-    pablo, radius, table_val, table_line, table_dir, hist, hist_line = False, 0, b"off", 0, None, None, 0
+    experiment, radius, table_val, table_line, table_dir, hist, hist_line = False, 0, b"off", 0, None, None, 0
     legacy, count = False, 0
     for n, s in _lines(p):
         if not s:
@@ -220,7 +220,7 @@ def parse_conf(path: Path | bytes) -> Conf:
                 raise _fail(p, n, f"legacy RADIUS must be an integer 0..7, got '{_s(tok[1])}'")
             if t is None:
                 raise _fail(p, n, f"legacy TABLE must be 0 (off), 1 (basic) or 2 (balanced), got '{_s(tok[2])}'")
-            pablo, radius, table_val, table_line, legacy = m == 1, r, LEGACY_TABLES[t], n, True
+            experiment, radius, table_val, table_line, legacy = m == 1, r, LEGACY_TABLES[t], n, True
             continue
         if legacy:
             raise _fail(p, n, "the legacy one-line form cannot be mixed with `KEY = value` lines")
@@ -236,7 +236,7 @@ def parse_conf(path: Path | bytes) -> Conf:
         if key == b"MODE":
             if val not in (b"simple", b"pablo"):
                 raise _fail(p, n, f"MODE must be 'simple' or 'pablo', got '{_s(val)}'")
-            pablo = val == b"pablo"
+            experiment = val == b"pablo"
         elif key == b"Q4_0_RADIUS":
             radius = _int(val, 0, 7)
             if radius is None:
@@ -258,7 +258,7 @@ def parse_conf(path: Path | bytes) -> Conf:
     table = None if table_val == b"off" else _find_table(table_val, p, table_dir, table_line)
     if hist is not None:
         _check_hist_out(p, hist_line, hist)
-    return Conf(Path(_s(p)), pablo, radius, table, Path(_s(hist)) if hist is not None else None)
+    return Conf(Path(_s(p)), experiment, radius, table, Path(_s(hist)) if hist is not None else None)
 
 
 MAX_TABLE_BYTES = 1 << 16  # 16 lines and their comments: anything near this is a mistake
