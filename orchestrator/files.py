@@ -153,6 +153,29 @@ def write_json(path: Path, data) -> Path:
     return write_atomic(path, text)
 
 
+def memoized(path: Path, compute, use=lambda value: value):
+    """use(a JSON value kept at path): read when it is there and well formed, else compute()d now and
+    kept. For facts that are costly to learn and fixed by what the path's name holds (a file's content,
+    a build's id)."""
+    try:
+        return use(read_json(path))
+    except (OSError, ValueError, KeyError, TypeError):  # absent, half-written by an old version, another shape
+        pass
+    value = compute()
+    write_json(path, value)
+    return use(value)
+
+
+def taken_now(lock) -> bool:
+    """Acquire a filelock lock if no one holds it; False (not waiting) when someone does."""
+    import filelock
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return False
+    return True
+
+
 def printable(text: str) -> str:
     """text with what UTF-8 cannot hold (a path's undecodable bytes) written as backslash escapes."""
     return text.encode(ENCODING, "backslashreplace").decode(ENCODING)

@@ -14,7 +14,7 @@ from pathlib import Path
 import filelock
 
 from .errors import OrchestrateError
-from .files import read_json
+from .files import read_json, taken_now
 
 SCHEMA = "orchestrate.sweep/1"
 FILE = "results.json"
@@ -93,11 +93,9 @@ def locked(directory: Path):
         raise OrchestrateError(f"output directory {directory} is not writable")
     lock_path = directory / LOCK
     lock = filelock.FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
+    if not taken_now(lock):
         raise OrchestrateError(f"another sweep is writing to {directory} (lock {lock_path}); "
-                               "wait for it or choose another --out") from None
+                               "wait for it or choose another --out")
     try:
         yield directory
     except BaseException:

@@ -27,7 +27,7 @@ from ..errors import OrchestrateError
 
 RUN_BINS = 16
 Q4_0, Q8_0 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0
-BLOCK = {Q4_0: (32, 18), Q8_0: (32, 34)}  # elements, bytes per block
+BLOCK = {t: gguf.GGML_QUANT_SIZES[t] for t in (Q4_0, Q8_0)}  # elements, bytes per block
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 SLAB_ELEMENTS = 1 << 20  # elements decoded at a time: bounds memory whatever the model size
 

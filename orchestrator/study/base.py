@@ -16,7 +16,7 @@ import numpy as np
 from .. import paths
 from ..errors import OrchestrateError
 from ..fetch import sha256_of
-from ..files import check_input_file, read_json, write_json
+from ..files import check_input_file, memoized, read_json, write_json
 from ..fork.build import Fork
 from ..tools.quantize import run_quantize
 from . import analysis
@@ -55,28 +55,17 @@ def file_id(path: Path) -> str:
 def describe(path: Path, sha256: str) -> tuple[tuple[str, ...], str | None]:
     """(weight-matrix types, llama file type) of a model, read from its header once per content
     (gguf takes seconds to parse a tokenizer)."""
-    memo = paths.cache_dir() / "model-types" / f"{sha256}.json"
-    try:
-        data = read_json(memo)
-        return tuple(data["types"]), data["ftype"]
-    except (OSError, ValueError, KeyError):
-        pass
-    reader = analysis.open_model(path)
-    types, ftype = tuple(sorted(analysis.matrix_types(reader))), analysis.file_type(reader)
-    write_json(memo, {"types": list(types), "ftype": ftype})
-    return types, ftype
+    def read():
+        reader = analysis.open_model(path)
+        return {"types": sorted(analysis.matrix_types(reader)), "ftype": analysis.file_type(reader)}
+    return memoized(paths.cache_dir() / "model-types" / f"{sha256}.json", read,
+                    lambda d: (tuple(d["types"]), d["ftype"]))
 
 
 def scanned(base: Base) -> dict:
     """analysis.scan of a base (its tensor key and zstd size), once per content."""
-    memo = paths.cache_dir() / "model-scans" / f"{base.sha256}-{analysis.SCAN_FORMAT}.json"
-    try:
-        return read_json(memo)
-    except (OSError, ValueError):
-        pass
-    data = analysis.scan(base.path)
-    write_json(memo, data)
-    return data
+    return memoized(paths.cache_dir() / "model-scans" / f"{base.sha256}-{analysis.SCAN_FORMAT}.json",
+                    lambda: analysis.scan(base.path))
 
 
 def upcast_path(model: Path, sha: str) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import filelock
 
 from ..errors import OrchestrateError
-from ..files import read_json, write_json
+from ..files import read_json, taken_now, write_json
 from .runs import USED, RunDir, ScoreDir, lock_of
 
 KINDS = {"runs": "run", "scores": "score", "worker/runs": "worker run", "worker/scores": "worker score"}
@@ -42,11 +42,7 @@ class Entry:
 def _unlocked(d: Path) -> filelock.FileLock | None:
     """The directory's lock, now held by the caller, or None when a live sweep holds it."""
     lock = lock_of(d)
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        return None
-    return lock
+    return lock if taken_now(lock) else None
 
 
 def record(row: dict, sweep: Path) -> None:

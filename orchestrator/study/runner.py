@@ -16,7 +16,7 @@ from pathlib import Path
 import filelock
 
 from ..errors import OrchestrateError, ToolError
-from ..files import read_json, write_atomic, write_json
+from ..files import read_json, taken_now, write_atomic, write_json
 from ..tools import perplexity
 from ..tools.quantize import run_quantize
 from . import analysis, plan, stats
@@ -51,9 +51,7 @@ def _clear_leftovers(d: Path) -> None:
 
 def take_lock(lock: filelock.FileLock, v: Variant, step) -> filelock.FileLock:
     """lock, acquired: at once, or after saying that another sweep holds it."""
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
+    if not taken_now(lock):
         step(v, "waiting for another sweep working on it")
         lock.acquire()
     return lock

@@ -19,7 +19,7 @@ from typing import Callable
 
 from .. import paths
 from ..errors import OrchestrateError
-from ..files import check_input_file, check_writable, read_json, read_text, refuse_overwrite, write_json
+from ..files import check_input_file, check_writable, memoized, read_text, refuse_overwrite
 from ..fork.build import Fork
 from ..parse import parse_quantize, quantize_progress
 from ..proc import Progress, clean_env, failure_reason, run_logged
@@ -30,11 +30,10 @@ IMATRIX_NOTE = "will require an imatrix"
 
 def quant_types(fork: Fork) -> list[str]:
     """The type names the fork's llama-quantize accepts, in its own order (e.g. Q4_0, Q4_K_M)."""
-    memo = paths.cache_dir() / "quant-types" / f"{fork.id}.json"
-    try:
-        return read_json(memo)
-    except (OSError, ValueError):
-        pass
+    return memoized(paths.cache_dir() / "quant-types" / f"{fork.id}.json", lambda: _listed_types(fork))
+
+
+def _listed_types(fork: Fork) -> list[str]:
     res = subprocess.run([str(fork.binary("llama-quantize")), "--help"], capture_output=True,
                          encoding="utf-8", errors="replace", env=clean_env())
     text = res.stdout + res.stderr
@@ -42,7 +41,6 @@ def quant_types(fork: Fork) -> list[str]:
                        re.M)
     if not names:
         raise OrchestrateError(f"{fork.binary('llama-quantize')} --help lists no quantization types")
-    write_json(memo, names)
     return names
 
 
@@ -57,19 +55,17 @@ def canonical_type(fork: Fork, name: str) -> str:
 
 def needs_imatrix(fork: Fork, base: Path, base_id: str, qtype: str) -> bool:
     """True when quantizing `base` to `qtype` needs an importance matrix (asked of llama-quantize)."""
-    memo = paths.cache_dir() / "imatrix-check" / f"{base_id[:16]}-{fork.id}-{qtype}.json"
-    try:
-        return read_json(memo)["needs_imatrix"]
-    except (OSError, ValueError, KeyError):
-        pass
+    return memoized(paths.cache_dir() / "imatrix-check" / f"{base_id[:16]}-{fork.id}-{qtype}.json",
+                    lambda: {"needs_imatrix": _dry_run_needs_imatrix(fork, base, qtype)}, lambda d: d["needs_imatrix"])
+
+
+def _dry_run_needs_imatrix(fork: Fork, base: Path, qtype: str) -> bool:
     res = subprocess.run([str(fork.binary("llama-quantize")), "--dry-run", str(base), qtype, "1"],
                          capture_output=True, encoding="utf-8", errors="replace", env=clean_env())
     text = res.stdout + res.stderr
     if res.returncode != 0:
         raise OrchestrateError(f"llama-quantize --dry-run {qtype} failed ({failure_reason(text)})")
-    need = IMATRIX_NOTE in text
-    write_json(memo, {"needs_imatrix": need})
-    return need
+    return IMATRIX_NOTE in text
 
 
 def _clear_stale(out: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import OrchestrateError
-from ..files import read_json, write_json
+from ..files import memoized
 from ..fork.build import Fork
 from ..proc import clean_env, failure_reason
 
@@ -17,11 +17,11 @@ COUNT = re.compile(r"Total number of tokens: (\d+)")
 def count_tokens(fork: Fork, model: Path, model_id: str, text: Path, text_id: str) -> int:
     """Tokens of text for model's vocabulary, as llama-perplexity counts them (with the BOS the model
     adds; the file read as it is, no escapes), from the vocabulary alone (no weights are loaded)."""
-    memo = paths.cache_dir() / "token-counts" / f"{model_id[:16]}-{text_id[:16]}-{fork.id}.json"
-    try:
-        return read_json(memo)["tokens"]
-    except (OSError, ValueError, KeyError):
-        pass
+    return memoized(paths.cache_dir() / "token-counts" / f"{model_id[:16]}-{text_id[:16]}-{fork.id}.json",
+                    lambda: {"tokens": _counted(fork, model, text)}, lambda d: d["tokens"])
+
+
+def _counted(fork: Fork, model: Path, text: Path) -> int:
     cmd = [str(fork.binary("llama-tokenize")), "-m", str(model), "-f", str(text), "--ids", "--show-count",
            "--no-escape", "--log-disable"]
     res = subprocess.run(cmd, capture_output=True, env=clean_env())
@@ -29,7 +29,6 @@ def count_tokens(fork: Fork, model: Path, model_id: str, text: Path, text_id: st
     m = COUNT.search(out)
     if res.returncode != 0 or not m:
         raise OrchestrateError(f"llama-tokenize could not count the tokens of {text} ({failure_reason(out)})")
-    write_json(memo, {"tokens": int(m.group(1))})
     return int(m.group(1))
 
 
