@@ -137,12 +137,12 @@ def default_reference(names: list[str]) -> str | None:
     return "q4_0" if "q4_0" in names else None
 
 
-def compare_all(rows: list[dict], reference: str | None) -> dict:
+def compare_all(rows: list[results.Row], reference: str | None) -> dict:
     """Paired statistics over every variant that was scored (study.paired.study)."""
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r.status == "ok"]
     try:
-        found = {r["name"]: scores.read(Path(r["scores_file"])) for r in ok}
-        base = next((r["name"] for r in ok if r["kind"] == "base"), None)
+        found = {r.name: scores.read(Path(r.scores_file)) for r in ok}
+        base = next((r.name for r in ok if r.kind == "base"), None)
         return paired.study(found, base, reference if reference in found else None)
     except OrchestrateError as e:
         return {"error": str(e)}

@@ -7,8 +7,10 @@ two sweeps) from writing into it at once.
 """
 
 import contextlib
+import dataclasses
 import datetime
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
@@ -19,6 +21,83 @@ from .files import read_json, taken_now
 SCHEMA = "orchestrate.sweep/1"
 FILE = "results.json"
 LOCK = ".sweep.lock"
+
+
+ROW_VERSION = 1  # of Row's dictionary form; rows of the landed format (no version) are version 1
+
+
+def _csv(**kw):
+    return field(default=None, metadata={"csv": True}, **kw)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One variant's result: made once (by the study), replaced rather than changed, written into
+    results.json (and result.json in its run directory) by to_dict and read back by from_dict. The
+    fields marked csv are results.csv's columns, in this order."""
+    name: str = _csv()
+    kind: str = _csv()                        # base | stock | table | radius
+    type: str | None = _csv()                 # the llama-quantize type (the base: what it is)
+    mode: str | None = _csv()                 # simple | pablo (the configuration file's word)
+    radius: int | None = _csv()
+    table: str | None = _csv()
+    status: str = _csv()                      # ok | failed
+    ppl: float | None = _csv()
+    ppl_err: float | None = _csv()
+    kld: float | None = _csv()
+    kld_err: float | None = _csv()
+    same_top: float | None = _csv()
+    same_top_err: float | None = _csv()
+    rms_dp: float | None = _csv()
+    file_bytes: int | None = _csv()
+    bpw: float | None = _csv()
+    zero_fraction: float | None = _csv()
+    isolated_zero_share: float | None = _csv()
+    entropy_bpw: float | None = _csv()
+    rle_bpw: float | None = _csv()
+    zstd_bpw: float | None = _csv()
+    zstd_sampled: float | None = _csv()
+    weight_rel_rmse: float | None = _csv()
+    table_file: str | None = _csv()
+    quantize_seconds: float | None = _csv()
+    perplexity_seconds: float | None = _csv()
+    analysis_seconds: float | None = _csv()
+    scored_for: str | None = _csv()           # the variant its score was measured for (same tensors: shared)
+    tensor_key: str | None = _csv()
+    reason: str | None = _csv()               # why it failed
+    log: str | None = _csv()                  # its failure's log
+    run_dir: str | None = _csv()
+    main_type: str | None = None              # the tensor type holding most weights
+    tensor_types: dict | None = None          # weights per tensor type
+    ppl_chunks: list | None = None            # the running perplexity after each chunk
+    rms_dp_err: float | None = None
+    elements: int | None = None
+    commands: list | None = None              # every llama-* command run for it
+    score_dir: str | None = None
+    scores_file: str | None = None
+    hist: str | None = None                   # its histograms in the sweep directory (relative)
+    damage: str | None = None                 # its per-tensor weight errors there (relative)
+    ran_on: dict | None = None                # where and when, on a cluster
+
+    def to_dict(self) -> dict:
+        return {"row_version": ROW_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Row":
+        version = d.get("row_version", 1)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known - {"row_version"}
+        if version > ROW_VERSION or unknown:
+            raise OrchestrateError(f"a result row of version {version} with fields {sorted(unknown)}: "
+                                   "made by a newer orchestrate")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def but(self, **changes) -> "Row":
+        """A new row with these fields changed (a row itself never changes)."""
+        return dataclasses.replace(self, **changes)
+
+
+CSV_COLUMNS = [f.name for f in dataclasses.fields(Row) if f.metadata.get("csv")]
 
 
 def fmt_ppl(v: float) -> str:
@@ -42,7 +121,7 @@ def damage_path(name: str) -> str:
 
 
 def document(name: str, description: str, base, text: Path, text_sha256: str, settings: dict, fork,
-             rows: list[dict], measurement: dict) -> dict:
+             rows: list[Row], measurement: dict) -> dict:
     """base: a study.base.Base; fork: a fork.build.Fork; settings: the perplexity settings; measurement:
     how sizes were measured (study.analysis.measurement)."""
     return {
@@ -56,7 +135,7 @@ def document(name: str, description: str, base, text: Path, text_sha256: str, se
         "perplexity": settings,
         "measurement": measurement,
         "fork": {"id": fork.id, "upstream": fork.stamp["pin"], "patches": fork.stamp["applied"]},
-        "variants": rows,
+        "variants": [r.to_dict() for r in rows],
     }
 
 

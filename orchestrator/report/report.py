@@ -11,13 +11,6 @@ from ..files import read_json, read_text, write_atomic, write_json
 from ..results import fmt_ppl
 from . import plots
 
-# results.csv: one row per variant (documented in README.md)
-CSV_COLUMNS = ["name", "kind", "type", "mode", "radius", "table", "status", "ppl", "ppl_err", "kld", "kld_err",
-               "same_top", "same_top_err", "rms_dp", "file_bytes", "bpw", "zero_fraction", "isolated_zero_share",
-               "entropy_bpw", "rle_bpw", "zstd_bpw", "zstd_sampled", "weight_rel_rmse", "table_file", "quantize_seconds",
-               "perplexity_seconds", "analysis_seconds", "scored_for", "tensor_key", "reason", "log", "run_dir"]
-
-
 def _zstd_how(doc: dict) -> str:
     """How the zstd sizes were measured (the settings results.json records): on all the data, or on
     samples of it (which share)."""
@@ -37,10 +30,10 @@ def _zstd_how(doc: dict) -> str:
 
 def write_csv(doc: dict, path: Path) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, results.CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in doc["variants"]:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in results.CSV_COLUMNS})
     write_atomic(path, buf.getvalue())
 
 
@@ -104,7 +97,7 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
         lines += [f"### {title}", "", f"![{title}]({path})", ""]
     lines += ["## Commands run", ""]
     for r in rows:
-        for c in r.get("commands", []):
+        for c in r.get("commands") or []:
             lines.append(f"- `{r['name']}`: `{' '.join(c)}`")
     return "\n".join(lines) + "\n"
 

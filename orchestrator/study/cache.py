@@ -19,6 +19,7 @@ import filelock
 
 from ..errors import OrchestrateError
 from ..files import read_json, taken_now, write_json
+from ..results import Row
 from .runs import USED, RunDir, ScoreDir, lock_of
 
 KINDS = {"runs": "run", "scores": "score", "worker/runs": "worker run", "worker/scores": "worker score"}
@@ -45,11 +46,11 @@ def _unlocked(d: Path) -> filelock.FileLock | None:
     return lock if taken_now(lock) else None
 
 
-def record(row: dict, sweep: Path) -> None:
+def record(row: Row, sweep: Path) -> None:
     """A finished variant was used by this sweep now: note it in its run and score directories."""
-    if row.get("status") != "ok":
+    if row.status != "ok":
         return
-    for d in (row.get("run_dir"), row.get("score_dir")):
+    for d in (row.run_dir, row.score_dir):
         if d and Path(d).is_dir():
             lock = _unlocked(Path(d))
             if lock is None:

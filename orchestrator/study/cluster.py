@@ -24,6 +24,7 @@ from pathlib import Path
 from .. import paths
 from ..errors import OrchestrateError
 from ..files import read_text, write_atomic, write_json
+from ..results import Row
 from . import runner
 from .runs import Inputs, RunDir, ScoreDir, run_dir, score_dir
 from .base import scanned
@@ -157,8 +158,8 @@ def run_task(inp: Inputs, v: Variant, keep_models: bool, kld_tensors: str | None
             runner.scored(winp, base_v, winp.base.path, sdir, None, step)
             kld_base = runner.KldBase(kld_tensors, sdir.logits)
         row = runner.run_variant(winp, v, keep_models, kld_base, step)
-        out.update(ok=True, row=row, run_files=_files(Path(row["run_dir"]), RunDir.SMALL),
-                   score_files=_files(Path(row["score_dir"]), ScoreDir.SMALL))
+        out.update(ok=True, row=row, run_files=_files(Path(row.run_dir), RunDir.SMALL),
+                   score_files=_files(Path(row.score_dir), ScoreDir.SMALL))
     except OrchestrateError as e:
         log = getattr(e, "log", None)
         out.update(ok=False, reason=f"on node {node}: {e}",
@@ -194,7 +195,7 @@ class Board:
 
 # ---- on the driver ------------------------------------------------------------------------
 
-def land(inp: Inputs, v: Variant, res: dict, kld_tensors: str | None, attempts: int, submitted: float) -> dict:
+def land(inp: Inputs, v: Variant, res: dict, kld_tensors: str | None, attempts: int, submitted: float) -> Row:
     """Write what a task brought back into the driver's run and score directories, result.json last."""
     run = run_dir(inp, v)
     if not res["ok"]:
@@ -205,15 +206,15 @@ def land(inp: Inputs, v: Variant, res: dict, kld_tensors: str | None, attempts: 
             write_atomic(log, res["log_text"])
         return runner.failed_row(v, res["reason"], log)
     row = res["row"]
-    sdir = score_dir(inp, row["tensor_key"], kld_tensors if inp.kld and v.kind != "base" else None)
+    sdir = score_dir(inp, row.tensor_key, kld_tensors if inp.kld and v.kind != "base" else None)
     for d, files in ((run.path, res["run_files"]), (sdir.path, res["score_files"])):
         d.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             write_atomic(d / name, data)
-    row = {**row, "run_dir": str(run.path), "score_dir": str(sdir.path), "scores_file": str(sdir.scores),
-           "ran_on": {"node": res["node"], "submitted": submitted, "start": res["start"], "end": res["end"],
-                      "first_tool": res["first_tool"], "attempts": attempts}}
-    write_json(run.result, row)
+    row = row.but(run_dir=str(run.path), score_dir=str(sdir.path), scores_file=str(sdir.scores),
+                  ran_on={"node": res["node"], "submitted": submitted, "start": res["start"], "end": res["end"],
+                          "first_tool": res["first_tool"], "attempts": attempts})
+    write_json(run.result, row.to_dict())
     return row
 
 
@@ -222,7 +223,7 @@ def _status(running: dict, now: float) -> str:
 
 
 def run(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit: dict, record,
-        address: str | None = None) -> list[dict]:
+        address: str | None = None) -> list[Row]:
     """Every variant as a Ray task; rows in the experiment's order (record: as in runner.run_local)."""
     ray = connect(address)
     problem = ray.get(ray.remote(check_node).options(num_cpus=0).remote(inp, variants))
@@ -265,7 +266,7 @@ def run(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit:
                 finally:
                     lock.release()
                 board.done.remote(v.name)
-                rows[v.name] = runner.finish_row(v, row) if row["status"] == "ok" else row
+                rows[v.name] = runner.finish_row(v, row) if row.status == "ok" else row
                 record(rows[v.name])
                 display.finished(v, rows[v.name], seconds or 0.0, seconds is not None)
     finally:

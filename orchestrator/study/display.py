@@ -5,7 +5,7 @@ import re
 import time
 
 from ..proc import Progress
-from ..results import fmt_ppl
+from ..results import Row, fmt_ppl
 from .experiment import Variant
 from .plan import duration
 
@@ -36,14 +36,14 @@ class Display:
             self.progress.show(f"[{self.i}/{self.n} done] running: {running or 'waiting for the cluster'}{eta}",
                                force=True)
 
-    def finished(self, v: Variant, row: dict, seconds: float, worked: bool) -> None:
+    def finished(self, v: Variant, row: Row, seconds: float, worked: bool) -> None:
         self.i += 1
         if worked:
             self.times.append(seconds)
-        if row["status"] == "ok":
-            msg = f"{fmt_ppl(row['ppl'])} ± {fmt_ppl(row['ppl_err'])}" + ("" if worked else " (cached)")
-            if row.get("scored_for") not in (None, row["name"]):
-                msg += f" (same tensors as {row['scored_for']}: scored once)"
+        if row.status == "ok":
+            msg = f"{fmt_ppl(row.ppl)} ± {fmt_ppl(row.ppl_err)}" + ("" if worked else " (cached)")
+            if row.scored_for not in (None, row.name):
+                msg += f" (same tensors as {row.scored_for}: scored once)"
         else:
-            msg = f"FAILED: {row['reason']}" + (f" (log: {row['log']})" if row.get("log") else "")
+            msg = f"FAILED: {row.reason}" + (f" (log: {row.log})" if row.log else "")
         self.progress.done(f"[{self.i}/{self.n}] {v.name}: {msg}")

@@ -17,6 +17,7 @@ import filelock
 
 from ..errors import OrchestrateError, ToolError
 from ..files import read_json, taken_now, write_atomic, write_json
+from ..results import Row
 from ..tools import perplexity
 from ..tools.quantize import run_quantize
 from . import analysis, plan, stats
@@ -57,14 +58,14 @@ def take_lock(lock: filelock.FileLock, v: Variant, step) -> filelock.FileLock:
     return lock
 
 
-def finished_row(inp: Inputs, v: Variant) -> dict | None:
+def finished_row(inp: Inputs, v: Variant) -> Row | None:
     """The variant's result in this cache, if it is finished (the base's --kld logits may not be here:
     a cluster node keeps its own)."""
     result = run_dir(inp, v).result
     if not result.exists():
         return None
-    row = read_json(result)
-    return row if ScoreDir(Path(row["score_dir"])).scored() else None
+    row = Row.from_dict(read_json(result))
+    return row if ScoreDir(Path(row.score_dir)).scored() else None
 
 
 def scored(inp: Inputs, v: Variant, model: Path, sdir: ScoreDir, kld_base: KldBase | None, step) -> dict:
@@ -95,7 +96,7 @@ def scored(inp: Inputs, v: Variant, model: Path, sdir: ScoreDir, kld_base: KldBa
         lock.release()
 
 
-def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | None, step) -> dict:
+def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | None, step) -> Row:
     """Bring one variant to a finished result (reusing whatever a previous run finished)."""
     run = run_dir(inp, v)
     run.path.mkdir(parents=True, exist_ok=True)
@@ -104,8 +105,8 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | 
     lock = take_lock(run.lock, v, step)
     try:
         if run.result.exists():
-            result = read_json(run.result)
-            if ScoreDir(Path(result["score_dir"])).scored(base_logits):
+            result = Row.from_dict(read_json(run.result))
+            if ScoreDir(Path(result.score_dir)).scored(base_logits):
                 return result
         _clear_leftovers(run.path)
         a = read_json(run.analysis) if run.analysis.exists() else None
@@ -120,9 +121,8 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | 
             write_json(run.analysis, a)
         sdir = score_dir(inp, a["tensor_key"], kld_tensors)
         p = scored(inp, v, model, sdir, kld_base, step)
-        result = assemble(inp, v, run, read_json(run.quantize) if v.kind != "base" else None, p, a)
-        result.update(tensor_key=a["tensor_key"], score_dir=str(sdir.path), scores_file=str(sdir.scores))
-        write_json(run.result, result)
+        result = assemble(inp, v, run, read_json(run.quantize) if v.kind != "base" else None, p, a, sdir)
+        write_json(run.result, result.to_dict())
         return result
     finally:
         if not keep_models and v.kind != "base" and run.result.exists():
@@ -149,46 +149,43 @@ def analyse(inp: Inputs, v: Variant, model: Path, run: RunDir) -> dict:
     return out
 
 
-def assemble(inp: Inputs, v: Variant, run: RunDir, q: dict | None, p: dict, a: dict) -> dict:
-    spec = v.spec()
-    row = {"name": v.name, "kind": v.kind, "type": v.qtype or f"base ({'F16 upcast of ' + inp.base.upcast_from if inp.base.upcast_from else 'as given'})",
-           "main_type": a.get("main_type"), "tensor_types": a.get("types"),
-           "mode": spec["mode"], "radius": v.radius, "table": v.table.name if v.table else None, "status": "ok",
-           "ppl": p["ppl"], "ppl_err": p["ppl_err"], "ppl_chunks": p["chunks"], "scored_for": p["scored_for"]}
-    for k in ("kld", "kld_err", "same_top", "same_top_err", "rms_dp", "rms_dp_err"):
-        row[k] = p.get(k)
-    row.update(file_bytes=q["file_bytes"] if q else inp.base.path.stat().st_size, bpw=a["bpw"],
-               elements=a["elements"])
-    row["zero_fraction"] = row["isolated_zero_share"] = None
-    if q:
-        row["zero_fraction"], row["isolated_zero_share"] = stats.zero_stats(read_json(run.hist),
-                                                                             a.get("main_type"))
-    row.update(entropy_bpw=a["entropy_bpw"], rle_bpw=a["rle_bpw"], zstd_bpw=a["zstd_bpw"], zstd_sampled=a["zstd_sampled"],
-               weight_rel_rmse=a["damage"]["model_rel_rmse"] if a["damage"] else None)
-    row.update(quantize_seconds=q["seconds"] if q else 0.0, perplexity_seconds=p["seconds"],
-               analysis_seconds=a.get("seconds"),
-               commands=([q["command"]] if q else []) + [p["command"]], run_dir=str(run.path))
-    return row
+def assemble(inp: Inputs, v: Variant, run: RunDir, q: dict | None, p: dict, a: dict, sdir: ScoreDir) -> Row:
+    """The variant's row, from its quantization (None for the base), score and analysis."""
+    zeros = stats.zero_stats(read_json(run.hist), a.get("main_type")) if q else (None, None)
+    upcast = f"F16 upcast of {inp.base.upcast_from}" if inp.base.upcast_from else "as given"
+    return Row(name=v.name, kind=v.kind, type=v.qtype or f"base ({upcast})", main_type=a.get("main_type"),
+               tensor_types=a.get("types"), mode=v.spec()["mode"], radius=v.radius,
+               table=v.table.name if v.table else None, status="ok",
+               ppl=p["ppl"], ppl_err=p["ppl_err"], ppl_chunks=p["chunks"], scored_for=p["scored_for"],
+               **{k: p.get(k) for k in ("kld", "kld_err", "same_top", "same_top_err", "rms_dp", "rms_dp_err")},
+               file_bytes=q["file_bytes"] if q else inp.base.path.stat().st_size, bpw=a["bpw"],
+               elements=a["elements"], zero_fraction=zeros[0], isolated_zero_share=zeros[1],
+               entropy_bpw=a["entropy_bpw"], rle_bpw=a["rle_bpw"], zstd_bpw=a["zstd_bpw"],
+               zstd_sampled=a["zstd_sampled"],
+               weight_rel_rmse=a["damage"]["model_rel_rmse"] if a["damage"] else None,
+               quantize_seconds=q["seconds"] if q else 0.0, perplexity_seconds=p["seconds"],
+               analysis_seconds=a.get("seconds"), commands=([q["command"]] if q else []) + [p["command"]],
+               run_dir=str(run.path), tensor_key=a["tensor_key"], score_dir=str(sdir.path),
+               scores_file=str(sdir.scores))
 
 
-def failed_row(v: Variant, reason: str, log: Path | None) -> dict:
-    return {"name": v.name, "kind": v.kind, "type": v.qtype, "status": "failed", "reason": reason,
-            "log": str(log) if log else None}
+def failed_row(v: Variant, reason: str, log: Path | None) -> Row:
+    return Row(name=v.name, kind=v.kind, type=v.qtype, status="failed", reason=reason, log=str(log) if log else None)
 
 
-def unexpected_failure(inp: Inputs, v: Variant, e: Exception) -> dict:
+def unexpected_failure(inp: Inputs, v: Variant, e: Exception) -> Row:
     """A failed row for an error nobody foresaw, with the full trace kept in the run directory."""
     log = run_dir(inp, v).error_log
     write_atomic(log, "".join(traceback.format_exception(e)))
     return failed_row(v, f"internal error: {type(e).__name__}: {e}", log)
 
 
-def finish_row(v: Variant, row: dict) -> dict:
+def finish_row(v: Variant, row: Row) -> Row:
     """Where this sweep found the table (a cached run may have had its twin elsewhere)."""
-    return {**row, "table_file": str(v.table.path) if v.table else None}
+    return row.but(table_file=str(v.table.path) if v.table else None)
 
 
-def run_local(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit: dict, record) -> list[dict]:
+def run_local(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit: dict, record) -> list[Row]:
     """Every variant in turn, in this process (the base first: with --kld it provides the logits).
     record(row) notes each finished variant's use in the cache."""
     rows = []
@@ -208,8 +205,8 @@ def run_local(variants: list[Variant], inp: Inputs, keep_models: bool, display, 
             row = failed_row(v, str(e), getattr(e, "log", None))
         except Exception as e:  # a bug must cost one variant, not the sweep
             row = unexpected_failure(inp, v, e)
-        if v.kind == "base" and inp.kld and row["status"] == "ok":
-            kld_base = KldBase(row["tensor_key"], ScoreDir(Path(row["score_dir"])).logits)
+        if v.kind == "base" and inp.kld and row.status == "ok":
+            kld_base = KldBase(row.tensor_key, ScoreDir(Path(row.score_dir)).logits)
         record(row)
         display.finished(v, row, time.monotonic() - t0, bool(worked))
         rows.append(row)

@@ -119,22 +119,22 @@ def score_dir(inp: Inputs, tensors: str, kld_base_tensors: str | None) -> ScoreD
     return ScoreDir(inp.cache / "scores" / _key(inp, {"tensors": tensors, "kld_base": kld_base_tensors}))
 
 
-def export(row: dict, out: Path) -> dict:
+def export(row: results.Row, out: Path) -> results.Row:
     """The row, with its variant's histograms, per-tensor damage and per-token scores copied into the
     sweep directory out (so it stands alone: figures are redrawn and pairs compared from it) and named
     in the new row's hist and damage fields."""
     out = Path(out)
-    new = {**row, "hist": None, "damage": None}
-    if row["status"] != "ok":
-        return new
-    run = RunDir(Path(row["run_dir"]))
-    if Path(row.get("scores_file") or "/nonexistent").exists():
-        write_atomic(results.scores_path(out, row["name"]), Path(row["scores_file"]).read_bytes())
+    if row.status != "ok":
+        return row.but(hist=None, damage=None)
+    run = RunDir(Path(row.run_dir))
+    if Path(row.scores_file or "/nonexistent").exists():
+        write_atomic(results.scores_path(out, row.name), Path(row.scores_file).read_bytes())
+    hist = damage = None
     if run.hist.exists():
-        new["hist"] = results.hist_path(row["name"])
-        write_atomic(out / new["hist"], run.hist.read_bytes())
-    damage = read_json(run.analysis).get("damage") if run.analysis.exists() else None
-    if damage:
-        new["damage"] = results.damage_path(row["name"])
-        write_json(out / new["damage"], damage)
-    return new
+        hist = results.hist_path(row.name)
+        write_atomic(out / hist, run.hist.read_bytes())
+    measured = read_json(run.analysis).get("damage") if run.analysis.exists() else None
+    if measured:
+        damage = results.damage_path(row.name)
+        write_json(out / damage, measured)
+    return row.but(hist=hist, damage=damage)
