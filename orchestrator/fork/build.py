@@ -7,12 +7,14 @@ the identity nor breaks an existing build directory.
 """
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import shutil
 import subprocess
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,3 +262,34 @@ def current(backend: str = "cpu") -> Fork:
         if not fork.binary(t).exists():
             raise OrchestrateError(f"{fork.binary(t)} is missing: run {how}")
     return fork
+
+
+def stock(jobs: int | None = None) -> Path:
+    """llama-quantize built from the pinned upstream with none of our patches, with the fork's options,
+    once (vendor/build-stock, keyed by the upstream tree and the options): the reference for "hooks
+    off is stock llama.cpp". Returns its bin directory."""
+    repo = upstream.ensure_vendor(upstream.load_pin())
+    tree = repo.git.rev_parse(f"{upstream.UPSTREAM_TAG}^{{tree}}")
+    bdir, src = paths.build_dir().with_name("build-stock"), paths.vendor_dir().with_name("stock-src")
+    stamp = {"tree": tree, "cmake_options": CMAKE_OPTIONS}
+    binary = bdir / "bin" / "llama-quantize"
+    if _read_stamp(bdir / STAMP) == stamp and binary.exists():
+        return binary.parent
+    (bdir / STAMP).unlink(missing_ok=True)
+    if not (src / ".tree").exists() or (src / ".tree").read_text() != tree:
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", repo.working_dir, "archive", upstream.UPSTREAM_TAG],
+                                 capture_output=True, check=True).stdout
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(src, filter="data")
+        (src / ".tree").write_text(tree)
+    bdir.mkdir(parents=True, exist_ok=True)
+    with open(bdir / LOG, "w", encoding="utf-8") as log:
+        try:
+            _run(["cmake", "-S", str(src), "-B", str(bdir), *CMAKE_OPTIONS, *tooling(bdir)], log, "configure", None)
+            _run(["cmake", "--build", str(bdir), "--parallel", str(jobs or os.cpu_count() or 1), "--target",
+                  "llama-quantize"], log, "build", None)
+        except subprocess.CalledProcessError:
+            raise OrchestrateError(f"the stock build failed; full log: {bdir / LOG}") from None
+    write_json(bdir / STAMP, stamp)
+    return binary.parent
