@@ -336,5 +336,5 @@ def test_an_unwritable_scores_file_fails_before_scoring(fork, demo_base, demo_te
            "--chunks", "2", "-t", "2"]
     res = subprocess.run(cmd, env={"PABLO_SCORES": str(tmp_path / "no" / "such" / "dir" / "s.bin")},
                          capture_output=True, text=True)
-    assert "pablo: cannot write per-token scores" in res.stderr
+    assert res.returncode == 1 and "pablo: cannot write per-token scores" in res.stderr
     assert "Final estimate" not in res.stderr and "[1]" not in res.stdout
