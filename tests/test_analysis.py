@@ -38,8 +38,11 @@ def q8_0_bytes(rows, scale=1.0):
     return np.stack(out)
 
 
-def write_gguf(path, tensors):
+def write_gguf(path, tensors, meta: dict | None = None):
+    """A GGUF file with these tensors and string metadata (key -> value)."""
     w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (meta or {}).items():
+        w.add_string(key, value)
     for name, data, dtype in tensors:
         if dtype in (T.F32, T.F16):
             w.add_tensor(name, data)
@@ -103,13 +106,17 @@ def test_scan_measures_zstd_per_tensor_and_keys_the_content(crafted, tmp_path):
     elements = sum(int(t.n_elements) for t in reader.tensors)
     assert s["zstd_sampled"] == 1.0
     assert abs(s["zstd_bpw"] - 8 * direct / elements) <= 8 * 8 * len(reader.tensors) / elements  # frame headers
-    # the key follows the tensors' bytes, not descriptive metadata
-    renamed = write_gguf(tmp_path / "renamed.gguf", [
-        ("blk.0.attn_q.weight", q4_0_bytes([ROW0, ROW1]), T.Q4_0),
-        ("blk.0.ffn_up.weight", q8_0_bytes([Q8ROW]), T.Q8_0),
-        ("output_norm.weight", np.ones(32, dtype=np.float32), T.F32),
-    ])
+    # the key follows the tensors' bytes and the metadata the model computes with, not descriptive
+    # metadata (names, notes): the same tensors under another name and note key alike
+    same = [("blk.0.attn_q.weight", q4_0_bytes([ROW0, ROW1]), T.Q4_0),
+            ("blk.0.ffn_up.weight", q8_0_bytes([Q8ROW]), T.Q8_0),
+            ("output_norm.weight", np.ones(32, dtype=np.float32), T.F32)]
+    renamed = write_gguf(tmp_path / "renamed.gguf", same,
+                         {"general.name": "another name", "quantize.imatrix.file": "notes.dat"})
+    assert renamed.read_bytes() != crafted.read_bytes()  # (the exclusion is exercised: the files differ)
     assert analysis.scan(renamed)["tensor_key"] == s["tensor_key"]
+    computes = write_gguf(tmp_path / "computes.gguf", same, {"llama.rope.scaling.type": "linear"})
+    assert analysis.scan(computes)["tensor_key"] != s["tensor_key"]
     changed = write_gguf(tmp_path / "changed.gguf", [
         ("blk.0.attn_q.weight", q4_0_bytes([ROW0, ROW1]), T.Q4_0),
         ("blk.0.ffn_up.weight", q8_0_bytes([Q8ROW[:-1] + [4]]), T.Q8_0),

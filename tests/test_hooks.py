@@ -218,9 +218,10 @@ def test_hooks_measure_the_error_an_independent_pass_finds(q, demo_base, name, q
 
 
 def _measured(hist_json: Path) -> dict:
-    """What the hooks measured: the histogram document less where its configuration was written."""
+    """What the hooks measured: the histogram document less where its configuration was written and
+    which loops measured it."""
     doc = json.loads(hist_json.read_text())
-    del doc["config"]["file"]
+    del doc["config"]["file"], doc["config"]["loops"]
     return doc
 
 
@@ -237,6 +238,8 @@ def test_the_hooks_avx2_and_portable_loops_give_the_same_bits(q, name, qtype, kw
     takes the portable C loops), so results do not depend on the machine that quantized."""
     fast_out, fast = q(name, qtype, **kw)
     slow_out, slow = q(name + "-portable", qtype, env={"PABLO_PORTABLE": "1"}, **kw)
+    loops = [json.loads(h.read_text())["config"]["loops"] for h in (fast, slow)]
+    assert loops == ["avx2", "portable"]  # each path really ran
     a = _measured(fast)
     assert a == _measured(slow)
     assert any("sq_err" in t for t in a["tensors"])
