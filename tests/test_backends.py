@@ -38,10 +38,14 @@ def test_blas_perplexities_agree_with_the_cpu_build(fork, blas, demo_base, tmp_p
     on_blas = orchestrate("sweep", *SMALL, "--backend", "blas", "--out", tmp_path / "blas")
     assert on_cpu.returncode == 0 and on_blas.returncode == 0, on_blas.stderr[-3000:]
     cpu, bl = rows(tmp_path / "cpu"), rows(tmp_path / "blas")
+    # BLAS really computed: its matrix products add in another order, so some perplexity differs from
+    # the CPU build's in its last digits (the same code would give the same bits) ...
+    assert any(r["ppl"] != cpu[name]["ppl"] for name, r in bl.items())
     for name, r in bl.items():
         c = cpu[name]
         assert r["tensor_key"] == c["tensor_key"], name  # quantization (and the hooks) run on the CPU path
-        assert abs(r["ppl"] - c["ppl"]) < c["ppl_err"], (name, r["ppl"], c["ppl"], c["ppl_err"])
+        # ... and only there: measured up to 0.06 of a standard error on the demo
+        assert abs(r["ppl"] - c["ppl"]) < 0.25 * c["ppl_err"], (name, r["ppl"], c["ppl"], c["ppl_err"])
         assert r["run_dir"] != c["run_dir"] and r["score_dir"] != c["score_dir"]  # its own runs (its fork id)
         assert Path(r["commands"][-1][0]).parent.parent.name == "build-blas"
     assert json.loads((tmp_path / "blas" / "results.json").read_text())["fork"]["id"] == blas.id
@@ -55,6 +59,9 @@ def test_gpu_layers_reach_llama_perplexity_and_the_run_key(fork, demo_base, tmp_
     assert plain.returncode == 0 and layers.returncode == 0, layers.stderr[-3000:]
     a, b = rows(tmp_path / "a")["base"], rows(tmp_path / "b")["base"]
     assert "-ngl" not in a["commands"][-1] and b["commands"][-1][-2:] == ["-ngl", "0"]
+    # llama-perplexity read it: a build without a GPU says it will ignore the option, and only then
+    said = [(Path(r["score_dir"]) / "perplexity.log").read_text() for r in (a, b)]
+    assert "--gpu-layers option will be ignored" in said[1] and "--gpu-layers" not in said[0]
     assert a["run_dir"] != b["run_dir"] and a["ppl"] == b["ppl"]  # no GPU here: the same numbers
 
 
