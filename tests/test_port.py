@@ -10,6 +10,7 @@ import pytest
 
 from conftest import git, orchestrate
 from orchestrator import paths
+from orchestrator.errors import OrchestrateError
 from orchestrator.fork import port, upstream
 
 A = "".join(f"int a{i} = {i};\n" for i in range(20))
@@ -260,3 +261,31 @@ def test_selftest_names_the_check_a_dead_hook_fails(fork, demo_base, tmp_path):
     dead = Fork(tmp_path, fork.stamp)
     with pytest.raises(selftest.CanaryFailed, match=r"selftest failed: hooks off and MODE=simple .*no histograms"):
         selftest.run(dead, demo_base)
+
+
+def test_a_failing_canary_leaves_the_bump_open_and_the_pin_as_it_was(tiny_project):
+    make_series(tiny_project)
+    c = new_upstream(tiny_project, a=A + "int a_new = 1;\n")
+    repo, pin, _ = start(tiny_project, c)
+
+    def canary_fails(p):
+        raise OrchestrateError("selftest failed: radius zeroes small values")
+    with pytest.raises(OrchestrateError, match="selftest failed"):
+        port.finish(repo, paths.patches_dir(), upstream.pin_file(), canary_fails)
+    assert upstream.load_pin().commit == tiny_project["v1"] and upstream.bump_in_progress(tiny_project["vendor"])
+    checked = []  # fixed (here: a canary that passes), the same bump finishes
+    assert finish(repo, checked) == pin and checked == [pin] and upstream.load_pin() == pin
+    assert not upstream.bump_in_progress(tiny_project["vendor"])
+
+
+def test_the_cli_bump_runs_its_build_and_canary(tiny_project):
+    """`orchestrate upstream bump` goes on from the replay to the build (here a tree that cannot build:
+    the tiny upstream has no CMakeLists.txt), and its failure leaves the bump open, the pin unchanged."""
+    make_series(tiny_project)
+    before = state(tiny_project)
+    c = new_upstream(tiny_project, a=A + "int a_new = 1;\n")
+    res = orchestrate("upstream", "bump", "--git-url", tiny_project["upstream"], "--commit", c)
+    assert res.returncode == 1 and "0001-Change-a3.patch: applied cleanly" in res.stdout
+    assert res.stderr.strip().splitlines()[-1].startswith("error: build of the fork failed"), res.stderr
+    assert upstream.load_pin().commit == tiny_project["v1"] and upstream.bump_in_progress(tiny_project["vendor"])
+    assert orchestrate("upstream", "abort").returncode == 0 and state(tiny_project) == before
