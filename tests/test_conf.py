@@ -71,7 +71,7 @@ def test_key_value_form(tmp_path):
     p = tmp_path / "pablo.conf"
     p.write_text("MODE = pablo   # the experiments\nQ4_0_RADIUS = 3\nTABLE_MODE = basic\nHIST_OUT = out/h.json\n")
     c = conf.parse_conf(p)
-    assert (c.mode, c.radius, c.table.name, c.hist_out) == ("pablo", 3, "basic", tmp_path / "out" / "h.json")
+    assert (c.mode, c.radius, c.table.name, c.hist_out) == ("pablo", 3, "basic", str(tmp_path / "out" / "h.json"))
     p.write_text(f"MODE = simple\nTABLE_DIR = {TABLES}\nTABLE_MODE = balanced\n")
     c = conf.parse_conf(p)
     assert (c.mode, c.table.name, c.table.path) == ("simple", "balanced", TABLES / "balanced.table")
@@ -117,7 +117,7 @@ def test_write_then_parse_round_trips(tmp_path):
     t = conf.load_table(TABLES / "balanced.table")
     p = conf.write_conf(tmp_path / "pablo.conf", conf.Hooks(True, 2, t), tmp_path / "h.json")
     c = conf.parse_conf(p)
-    assert (c.experiment, c.radius, c.table.level, c.hist_out) == (True, 2, t.level, tmp_path / "h.json")
+    assert (c.experiment, c.radius, c.table.level, c.hist_out) == (True, 2, t.level, str(tmp_path / "h.json"))
     assert [x.name for x in tmp_path.iterdir()] == ["pablo.conf"]  # no temp file left
 
 

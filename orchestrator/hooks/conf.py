@@ -164,15 +164,18 @@ class Conf:
     experiment: bool  # MODE = pablo: the experiments' mode (else simple: stock values)
     radius: int = 0
     table: Table | None = None
-    hist_out: Path | None = None
+    # the table's and the histograms' files as the fork's reader joins them (not normalised: the
+    # differential test compares them with the C reader's as written)
+    table_file: str | None = None
+    hist_out: str | None = None
 
     @property
     def mode(self) -> str:
         return "pablo" if self.experiment else "simple"
 
 
-def _find_table(value: bytes, conf: bytes, table_dir: bytes | None, line: int) -> Table:
-    """A TABLE_MODE value -> the loaded table (a name in table_dir, or a path)."""
+def _find_table(value: bytes, conf: bytes, table_dir: bytes | None, line: int) -> tuple[Table, str]:
+    """A TABLE_MODE value -> the loaded table (a name in table_dir, or a path) and its file as joined."""
     if b"/" in value or (len(value) > 6 and value.endswith(b".table")):
         tpath = _resolve(conf, value)
     else:
@@ -184,7 +187,7 @@ def _find_table(value: bytes, conf: bytes, table_dir: bytes | None, line: int) -
         raise _fail(conf, line, "table path too long")
     if not os.access(tpath, os.R_OK):
         raise _fail(conf, line, f"unknown table '{_s(value)}': no readable file {_s(tpath)}")
-    return load_table(tpath, _s(value))
+    return load_table(tpath, _s(value)), _s(tpath)
 
 
 def _check_hist_out(conf: bytes, line: int, hist: bytes) -> None:
@@ -255,10 +258,10 @@ def parse_conf(path: Path | bytes) -> Conf:
                 raise _fail(p, n, "HIST_OUT path too long")
     if not legacy and b"MODE" not in seen:
         raise _fail(p, 0, "MODE is missing (MODE = simple or MODE = pablo)")
-    table = None if table_val == b"off" else _find_table(table_val, p, table_dir, table_line)
+    table, table_file = (None, None) if table_val == b"off" else _find_table(table_val, p, table_dir, table_line)
     if hist is not None:
         _check_hist_out(p, hist_line, hist)
-    return Conf(Path(_s(p)), experiment, radius, table, Path(_s(hist)) if hist is not None else None)
+    return Conf(Path(_s(p)), experiment, radius, table, table_file, _s(hist) if hist is not None else None)
 
 
 MAX_TABLE_BYTES = 1 << 16  # 16 lines and their comments: anything near this is a mistake
