@@ -110,3 +110,35 @@ def test_bad_histogram_is_refused():
         tables.fit_optimal(np.zeros(256))
     with pytest.raises(ValueError):
         tables.fit_balanced(np.ones(16))
+
+
+def exact_partition(cost) -> float:
+    """The least total cost of 16 contiguous non-empty ranges covering the 256 int8 values, by a plain
+    dynamic program written here on its own (cost(a, b): of the range a..b, as indices 0..255)."""
+    n, k = 256, 16
+    seg = {(a, b): cost(a, b) for a in range(n) for b in range(a, n)}
+    best = [0.0] + [float("inf")] * n  # best[j]: the first j values in the ranges so far
+    for parts in range(1, k + 1):
+        new = [float("inf")] * (n + 1)
+        for j in range(parts, n - (k - parts) + 1):
+            new[j] = min(best[i] + seg[(i, j - 1)] for i in range(parts - 1, j))
+        best = new
+    return best[n]
+
+
+def least_integer_error(p, a, b) -> float:
+    """A range's least squared error over every integer level inside it, tried one by one."""
+    v, w = Q[a:b + 1].astype(float), p[a:b + 1]
+    if w.sum() == 0:
+        return 0.0
+    return float(min(((v - level) ** 2 * w).sum() for level in range(Q[a], Q[b] + 1)))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "bimodal", "q8_0-like"])
+def test_optimal_and_balanced_fits_reach_the_exact_optimum(kind):
+    h = dist(kind)
+    p = h / h.sum()
+    best_error = exact_partition(lambda a, b: least_integer_error(p, a, b))
+    assert tables.expected_sq_error(tables.fit_optimal(h), h) == pytest.approx(best_error, rel=1e-9, abs=1e-12)
+    best_balance = exact_partition(lambda a, b: (p[a:b + 1].sum() - 1 / 16) ** 2)
+    assert partition_cost(tables.fit_balanced(h), h) == pytest.approx(best_balance, rel=1e-9, abs=1e-15)
