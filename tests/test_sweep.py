@@ -126,8 +126,13 @@ def test_killed_plot_leaves_no_drawing_process_and_no_half_written_figure(swept,
         time.sleep(0.05)
     assert not [c for c in drawing if _alive(c)]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in swept[0].iterdir())
-    for p in out.glob("*.png"):
-        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 1000, p.name
+    import matplotlib.image
+    for p in out.glob("*.png"):  # every figure whole: its end chunk there, and it decodes
+        data = p.read_bytes()
+        assert data[:8] == PNG and data[-12:] == b"\x00\x00\x00\x00IEND\xaeB`\x82", p.name
+        assert matplotlib.image.imread(p).shape[0] > 100, p.name
+    for p in out.glob("*.svg"):
+        assert p.read_text().rstrip().endswith("</svg>"), p.name
 
 
 class _KilledWhileSent:
