@@ -68,7 +68,7 @@ def test_gc_keeps_the_last_sweeps_and_what_a_live_sweep_holds(two_sweeps):
     back = orchestrate("sweep", "--radius", "1", "--types", "Q4_0", *TINY, "--out", old, env=env)
     assert back.returncode == 0 and "q4_0-r1: quantize" in back.stderr and "q4_0-r1: perplexity" not in back.stderr
     fresh = orchestrate("cache", "gc", "--older-than", "1h", env=env)
-    assert "freed 0 B in 0 directories" in fresh.stdout
+    assert fresh.returncode == 0 and "freed 0 B in 0 directories" in fresh.stdout
 
 
 def test_age_and_keep_rules():

@@ -33,11 +33,11 @@ def test_plan_runs_nothing_and_its_estimates_hold(fork, demo_base, tmp_path):
     actual = model.stat().st_size / 1e6
     assert actual <= estimate <= 1.3 * actual, (estimate, actual)
     again = orchestrate("sweep", *TINY, "--plan", "--out", tmp_path / "out", env=env)
-    assert "2 variants, 0 to run" in again.stdout and again.stdout.count("cached") == 2
+    assert again.returncode == 0 and "2 variants, 0 to run" in again.stdout and again.stdout.count("cached") == 2
     assert "perplexity timed from 2 earlier runs here on models of about this size, quantize from 1 earlier runs" \
         in again.stdout
     more = orchestrate("sweep", *TINY, "--types", "Q8_0,Q4_0", "--plan", "--out", tmp_path / "out", env=env)
-    assert re.search(r"q4_0\s+to run\s+quantize ~", more.stdout) and re.search(r"q8_0\s+cached", more.stdout)
+    assert more.returncode == 0 and re.search(r"q4_0\s+to run\s+quantize ~", more.stdout) and re.search(r"q8_0\s+cached", more.stdout)
 
 
 def test_perplexity_rates_come_from_models_of_about_the_same_size():

@@ -124,6 +124,7 @@ def test_the_environment_does_not_change_results(home, fork):
     res = orchestrate("quantize", "my-model-f16.gguf", "env.gguf", "Q4_0", cwd=home, env=noisy)
     assert res.returncode == 0, res.stderr
     res = orchestrate("quantize", "my-model-f16.gguf", "plain.gguf", "Q4_0", cwd=home)
+    assert res.returncode == 0, res.stderr
     assert (home / "env.gguf").read_bytes() == (home / "plain.gguf").read_bytes()
 
 
