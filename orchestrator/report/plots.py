@@ -1,16 +1,39 @@
 """Figures of a sweep, drawn from results.json and the histogram files (PNG and SVG)."""
 
+import atexit
 import ctypes
 import io
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import matplotlib
+
+def _writable_config_dir() -> None:
+    """Give matplotlib a private temporary configuration directory when its own cannot be written
+    (HOME read-only or unset): it would otherwise warn on stderr, in several lines, on every run."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    own = os.path.join(base, "matplotlib")
+    try:
+        os.makedirs(own, exist_ok=True)
+        if os.access(own, os.W_OK | os.X_OK):
+            return
+    except OSError:
+        pass
+    tmp = tempfile.mkdtemp(prefix="orchestrate-matplotlib-")
+    atexit.register(shutil.rmtree, tmp, True)
+    os.environ["MPLCONFIGDIR"] = tmp
+
+
+_writable_config_dir()
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
