@@ -44,10 +44,10 @@ def cache_dir() -> Path:
 
 
 # What a run cache holds that are facts about files rather than results: downloads, the demo files,
-# upcast bases and memos of what a model's bytes are (hash, types, a base's scan). Tests and benchmarks
-# that measure runs start from a cache of their own that shares only these.
+# upcast bases and memos of what a model's bytes are (hash, types, a base's scan, a text's token count).
+# Tests and benchmarks that measure runs start from a cache of their own that shares only these.
 CACHE_FACTS = ("downloads", "demo", "bases", "model-ids.json", "model-types", "model-scans", "quant-types",
-               "imatrix-check", "q8_0-hist")
+               "imatrix-check", "q8_0-hist", "token-counts")
 
 
 def fresh_cache(root: Path, facts: tuple[str, ...] = CACHE_FACTS) -> Path:
