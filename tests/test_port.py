@@ -2,6 +2,7 @@
 3-way `patches check`), on a small local upstream made in the test (fast); and the real
 series against another real llama-cpp-python release."""
 
+import re
 import os
 import subprocess
 import sys
@@ -209,6 +210,34 @@ def test_patches_list_shows_the_footprint_in_upstream_files(fork):
     upstream_lines = sum(int(r.split("upstream files: ")[1].split()[0]) for r in rows)
     own_lines = sum(int(r.split("own files: ")[1].split()[0]) for r in rows)
     assert own_lines > 10 * upstream_lines  # our code lives in our own files
+
+
+def test_each_patch_adds_its_capability_without_rewriting_earlier_ones():
+    """One patch per capability: a later patch may extend a file an earlier one created, but removes
+    at most a handful of the lines that earlier patches added (read from the patch files as text)."""
+    from collections import Counter
+
+    from orchestrator import paths
+    pdir = paths.project() / "patches"
+    names = [n for n in (pdir / "series").read_text().split() if n]
+    added: dict[str, Counter] = {}
+    for name in names:
+        text = (pdir / name).read_text(encoding="utf-8")
+        removed_earlier = 0
+        new_lines: dict[str, list[str]] = {}
+        for part in re.split(r"^diff --git a/\S+ b/", text, flags=re.M)[1:]:
+            path, body = part.split("\n", 1)
+            for line in body.split("\n"):
+                if line.startswith("-") and not line.startswith("--- "):
+                    if added.get(path, Counter())[line[1:]] > 0:
+                        added[path][line[1:]] -= 1
+                        removed_earlier += 1
+                elif line.startswith("+") and not line.startswith("+++ "):
+                    new_lines.setdefault(path, []).append(line[1:])
+        for path, lines in new_lines.items():
+            added.setdefault(path, Counter()).update(lines)
+        assert removed_earlier <= 5, f"{name} rewrites {removed_earlier} lines of earlier patches"
+    assert len(names) == 5  # conf reader; radius and tables; histograms; per-token scores; error sums
 
 
 def test_real_series_against_another_release(fork):
