@@ -290,7 +290,8 @@ def conf_check(files):
         c = parse_conf(check_not_special(f, "configuration"))
         table = c.table.name if c.table else "off"
         click.echo(f"{f}: ok (MODE={c.mode} Q4_0_RADIUS={c.radius} TABLE_MODE={table}"
-                   f" HIST_OUT={c.hist_out or '(none)'})")
+                   f" HIST_OUT={c.hist_out or '(none)'}"
+                   + (f"; {len(c.rules)} TENSOR rule{'s' * (len(c.rules) != 1)}" if c.rules else "") + ")")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -301,21 +302,24 @@ def conf_check(files):
               help="simple: stock values; pablo: the experiments (default: pablo when --radius/--table is given).")
 @click.option("--radius", type=click.IntRange(0, 7), default=0, help="Q4_0 zero radius (pablo mode).")
 @click.option("--table", default=None, help="Q8_0 translation table: a name in conf/tables or a .table file.")
+@click.option("--rule", "rules", multiple=True, metavar="'PATTERN [Q4_0_RADIUS=N] [TABLE_MODE=T]'",
+              help="Per-tensor setting for the tensors whose names match PATTERN (* and ? wildcards); "
+                   "repeatable, the first that matches wins (pablo mode).")
 @click.option("--hist", type=UserPath(), default=None, help="Write the value and zero-run histograms (JSON) here.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="llama-quantize threads (default: all cores).")
 @LLAMA_ENV
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def quantize(base, out, qtype, mode, radius, table, hist, threads, llama_env, extra):
+def quantize(base, out, qtype, mode, radius, table, rules, hist, threads, llama_env, extra):
     """Quantize BASE to OUT as TYPE (any llama-quantize type) with the fork's hooks. Extra
     llama-quantize arguments go after `--`."""
     from .files import check_input_file, refuse_overwrite
-    from .hooks.conf import Hooks, table_arg
+    from .hooks.conf import Hooks, rule_arg, table_arg
     from .tools.quantize import canonical_type, needs_imatrix, run_quantize
     from .study.base import prepare_base
     refuse_overwrite({"output": out, "histogram file": hist, "log": out.with_name(out.name + ".log")},
                      {"model": check_input_file(base, "model")})
-    experiment = mode == "pablo" or (mode is None and (radius > 0 or table is not None))
-    hooks = Hooks(experiment, radius, table_arg(table) if table else None)
+    experiment = mode == "pablo" or (mode is None and (radius > 0 or table is not None or bool(rules)))
+    hooks = Hooks(experiment, radius, table_arg(table) if table else None, tuple(rule_arg(r) for r in rules))
     fork = build_mod.current()
     qtype = canonical_type(fork, qtype)
     b = prepare_base(base, fork)

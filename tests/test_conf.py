@@ -41,8 +41,16 @@ REASONS = {
     'table_not_numbers': 'tables/not_numbers.table:9: expected 4 integers `code lo hi level` with code in -8..7',
     'table_overlap': 'tables/overlap.table:11: overlap: range starts at 1 but the previous one ended at 1',
     'table_range_outside_int8': 'tables/range_outside_int8.table:1: range [-200, -65] is outside int8 (-128..127)',
-    'unknown_key': "unknown_key.conf:3: unknown key 'RADIOUS' (known: MODE, Q4_0_RADIUS, TABLE_MODE, TABLE_DIR, HIST_OUT)",
+    'unknown_key': "unknown_key.conf:3: unknown key 'RADIOUS' (known: MODE, Q4_0_RADIUS, TABLE_MODE, TABLE_DIR, HIST_OUT, TENSOR)",
     'unknown_table': "unknown_table.conf:2: unknown table 'nosuchtable': no readable file tables/nosuchtable.table",
+    'rule_no_setting': 'rule_no_setting.conf:2: TENSOR needs a pattern and a setting, as in '
+                       '`TENSOR = blk.*.ffn_down.weight Q4_0_RADIUS=2`',
+    'rule_bad_pattern': "rule_bad_pattern.conf:2: bad tensor pattern 'blk.0=x' (at most 255 bytes of printable "
+                        "ASCII other than '=')",
+    'rule_radius_too_big': "rule_radius_too_big.conf:2: Q4_0_RADIUS must be an integer 0..7, got '8'",
+    'rule_unknown_table': "rule_unknown_table.conf:3: unknown table 'nosuch': no readable file tables/nosuch.table",
+    'rule_unknown_setting': "rule_unknown_setting.conf:2: unknown rule setting 'RADIUS' (known: Q4_0_RADIUS=N, "
+                            "TABLE_MODE=T)",
 }
 
 

@@ -23,7 +23,7 @@ from orchestrator.hooks import conf
 
 HERE = Path(__file__).resolve().parent
 TABLES = HERE.parent / "conf" / "tables"
-EXAMPLES = 2600          # per test below; five tests: over 10,000 files in all
+EXAMPLES = 2600          # per test below; six tests: over 10,000 files in all
 COUNT = {"files": 0, "accepted": 0, "rejected": 0, "disagreements": []}
 FLOOR = 1_000  # accepted and rejected files each, at least: a generator of almost only errors would not do
 
@@ -83,7 +83,13 @@ def py_verdict(path: bytes) -> list[bytes]:
     fields = [b"K", c.mode.encode(), str(c.radius).encode()]
     fields += [os.fsencode(t.name), os.fsencode(c.table_file), ints(t.lo), ints(t.hi), ints(t.level)] if t else \
         [b"off", b"", b"", b"", b""]
-    return fields + [os.fsencode(c.hist_out) if c.hist_out else b""]  # paths as written, not normalised
+    fields += [os.fsencode(c.hist_out) if c.hist_out else b""]  # paths as written, not normalised
+    for r in c.rules:
+        fields += [r.pattern.encode(), str(r.line).encode(), b"-" if r.radius is None else str(r.radius).encode()]
+        t = r.table
+        fields += [os.fsencode(t.name), os.fsencode(r.table_file), ints(t.lo), ints(t.hi), ints(t.level)] if t else \
+            [b"off" if r.table_set else b"-", b"", b"", b"", b""]
+    return fields
 
 
 def compare(h, files: dict[str, bytes], target: str = "pablo.conf", relative: bool = False) -> None:
@@ -116,10 +122,30 @@ def compare(h, files: dict[str, bytes], target: str = "pablo.conf", relative: bo
 # ---- what files are made of ---------------------------------------------------------------
 
 SPACE = st.sampled_from([b"", b" ", b"  ", b"\t", b" \t ", b"\r", b"\v", b"\f"])
-KEYS = st.sampled_from([b"MODE", b"Q4_0_RADIUS", b"TABLE_MODE", b"TABLE_DIR", b"HIST_OUT",
+KEYS = st.sampled_from([b"MODE", b"Q4_0_RADIUS", b"TABLE_MODE", b"TABLE_DIR", b"HIST_OUT", b"TENSOR", b"TENSOR",
                         b"mode", b"Q4_0_radius", b"TABLE", b"", b"MODE MODE", b"\xe9T\xc3\xa9"])
 NUMBERS = st.sampled_from([b"0", b"1", b"2", b"3", b"7", b"8", b"-1", b"+3", b"07", b"-0", b"3x", b"x3", b"1 2",
                            b"99999999999999999999", b"-", b"+", b"\xd9\xa3", b"0x3", b"3.0"])
+PATTERNS = st.sampled_from([b"blk.*.ffn_down.weight", b"*", b"?", b"*attn_q*", b"blk.1?.*", b"token_embd.weight",
+                            b"a=b", b"caf\xe9", b"x" * 255, b"x" * 256, b"**", b"*.weight", b"\x7f", b"a\vb", b"[0-9]"])
+SETTINGS_TOKENS = st.one_of(
+    st.sampled_from([b"Q4_0_RADIUS=", b"TABLE_MODE=", b"Q4_0_RADIUS", b"RADIUS=1", b"=1", b"q4_0_radius=1",
+                     b"TABLE_MODE=off", b"TABLE_MODE=basic", b"TABLE_MODE=balanced", b"TABLE_MODE=gen.table",
+                     b"TABLE_MODE=tables/gen.table", b"TABLE_MODE=nosuch", b"TABLE_MODE=bad.name", b"TABLE_MODE=sub",
+                     b"TABLE_MODE==", b"Q4_0_RADIUS==1"]),
+    NUMBERS.map(lambda n: b"Q4_0_RADIUS=" + n),
+    st.integers(250, 260).map(lambda n: b"TABLE_MODE=" + b"t" * n))
+
+
+@st.composite
+def rule_value(draw):
+    """A TENSOR value: a pattern and settings, each drawn from valid and invalid forms."""
+    n = draw(st.sampled_from([1, 1, 1, 2, 2, 0, 3]))  # mostly a well-formed count, so later checks are reached
+    settings = [draw(SETTINGS_TOKENS | st.sampled_from([b"Q4_0_RADIUS=2", b"TABLE_MODE=basic"])) for _ in range(n)]
+    tokens = [draw(PATTERNS | st.sampled_from([b"blk.*", b"*ffn_up*"]))] + settings
+    return draw(st.sampled_from([b" ", b"\t", b"  "])).join(tokens)
+
+
 VALUES = st.one_of(
     st.sampled_from([b"simple", b"pablo", b"Pablo", b"off", b"basic", b"balanced", b"nosuch", b".table", b"x.table",
                      b"tables/basic.table", b"gen.table", b"tables/gen.table", b"bad.name", b"sub", b"tables",
@@ -127,6 +153,7 @@ VALUES = st.one_of(
     NUMBERS,
     st.integers(250, 260).map(lambda n: b"t" * n),              # around the TABLE_MODE length limit
     st.integers(4000, 4100).map(lambda n: b"d/" * (n // 2)),    # around the path length limit
+    rule_value(),
 )
 COMMENT = st.sampled_from([b"", b"# a comment", b"#", b"# caf\xe9 \xff", b"#MODE = pablo"])
 
@@ -195,7 +222,8 @@ TABLE_TEXT = b"\n".join(table_text()) + b"\n"
 VALID = [b"MODE = pablo\nQ4_0_RADIUS = 2\n", b"MODE = simple\n", b"1 2 0\n", b"0 0 2\n",
          b"MODE = pablo\nTABLE_MODE = balanced\nHIST_OUT = h.json\n",
          b"MODE = pablo  # c\nTABLE_DIR = tables\nTABLE_MODE = basic\n",
-         b"MODE = pablo\nTABLE_MODE = gen.table\n", b"MODE=pablo\nQ4_0_RADIUS=7\nHIST_OUT=sub/h.json\n"]
+         b"MODE = pablo\nTABLE_MODE = gen.table\n", b"MODE=pablo\nQ4_0_RADIUS=7\nHIST_OUT=sub/h.json\n",
+         b"MODE = pablo\nTENSOR = blk.*.ffn_down.weight Q4_0_RADIUS=3\nTENSOR = *q* TABLE_MODE=basic Q4_0_RADIUS=1\n"]
 ALPHABET = b"= #\t\r\n\0\xef\xbb\xbf\xe9/.-+0123456789abcdMODEPABLO_"
 
 
@@ -234,6 +262,12 @@ def valid_conf(draw):
             pairs.append((b"TABLE_DIR", b"tables"))
     if draw(st.booleans()):
         pairs.append((b"HIST_OUT", draw(st.sampled_from([b"h.json", b"sub/h.json", b"tables/../h.json", b"./h.json"]))))
+    for _ in range(draw(st.integers(0, 3))):  # TENSOR rules, valid ones
+        settings = [b"Q4_0_RADIUS=" + str(draw(st.integers(0, 7))).encode(),
+                    b"TABLE_MODE=" + draw(st.sampled_from([b"off", b"basic", b"balanced", b"gen.table", b"gen"]))]
+        settings = draw(st.permutations(settings))[:draw(st.integers(1, 2))]
+        pattern = draw(st.sampled_from([b"blk.*.ffn_down.weight", b"*", b"*attn_q*", b"blk.1?.*", b"output.weight"]))
+        pairs.append((b"TENSOR", draw(st.sampled_from([b" ", b"\t"])).join([pattern] + settings)))
     pairs = draw(st.permutations(pairs))
     lines = []
     for key, value in pairs:
@@ -278,6 +312,22 @@ def test_table_rules(harness, table, how, bom, latin1):
 def test_valid_files_written_every_way(harness, data, relative):
     compare(harness, {"pablo.conf": data, "gen.table": TABLE_TEXT, "tables/gen.table": TABLE_TEXT},
             relative=relative)
+
+
+@SETTINGS
+@given(rules=st.lists(st.one_of(rule_value(), rule_value(), rule_value(), st.sampled_from([b"", b"x"])),
+                      min_size=1, max_size=3),
+       mode=st.sampled_from([b"pablo", b"simple"]), table_dir=st.booleans())
+def test_tensor_rules(harness, rules, mode, table_dir):
+    text = b"MODE = " + mode + b"\n" + (b"TABLE_DIR = tables\n" if table_dir else b"")
+    text += b"".join(b"TENSOR = " + r + b"\n" for r in rules)
+    compare(harness, {"pablo.conf": text, "gen.table": TABLE_TEXT, "tables/gen.table": TABLE_TEXT})
+
+
+@pytest.mark.parametrize("n", [4096, 4097])
+def test_the_most_rules_a_file_can_hold(harness, n):
+    text = b"MODE = pablo\n" + b"".join(b"TENSOR = blk.%d.* Q4_0_RADIUS=%d\n" % (i, i % 8) for i in range(n))
+    compare(harness, {"pablo.conf": text})
 
 
 def test_all_files_agreed_on_enough_of_both_verdicts():

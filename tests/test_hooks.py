@@ -254,3 +254,47 @@ def test_a_tensor_measured_in_many_slabs_gives_the_same_bits(q, name, qtype, kw)
     many_out, many = q(name + "-1mib", qtype, extra=["--max-buffer-size", "1"], threads=2, **kw)
     assert _measured(one) == _measured(many)
     assert one_out.read_bytes() == many_out.read_bytes()
+
+
+def _tensor_bytes(path) -> dict[str, bytes]:
+    return {t.name: bytes(t.data.tobytes()) for t in analysis.open_model(path).tensors}
+
+
+def test_rules_change_exactly_the_tensors_they_name(q):
+    """Per-tensor rules, first match wins: each tensor is byte-for-byte the tensor of the model made
+    with its rule's setting applied globally, and the histograms name the rule that applied."""
+    rules = (conf.Rule("blk.1.*", radius=2), conf.Rule("*ffn_down*", radius=1), conf.Rule("blk.2.*", radius=0))
+    mixed, h = q("rules-r", "Q4_0", hooks=Hooks(True, radius=3, rules=rules))
+    by_radius = {r: _tensor_bytes(q(f"r{r}-global", "Q4_0", hooks=Hooks(True, radius=r))[0]) for r in (1, 2, 3)}
+    by_radius[0] = _tensor_bytes(q("off-Q4_0", "Q4_0", hist=False)[0])
+    got = _tensor_bytes(mixed)
+    doc = _check_hist_matches_file(mixed, h)
+    applied = {e["name"]: e.get("rule") for e in doc["tensors"]}
+    seen = set()
+    for name, data in got.items():
+        k = conf.rule_for(rules, name)
+        assert applied[name] == k, name  # the C reader's match equals the Python one
+        radius = 3 if k is None else rules[k].radius
+        assert data == by_radius[radius][name], (name, radius)
+        seen.add(radius)
+    assert seen == {0, 1, 2, 3}  # every rule and the default changed something
+    assert [r["pattern"] for r in doc["config"]["rules"]] == [r.pattern for r in rules]
+    assert doc["config"]["q4_0_radius"] == 3
+
+
+def test_a_table_rule_gives_some_q8_0_tensors_a_table(q):
+    """A table for the attention tensors only: those store the table's levels, the others are stock
+    Q8_0, and the model totals count the two apart (by code and by value)."""
+    t = conf.load_table(TABLES / "basic.table")
+    mixed, h = q("rules-t", "Q8_0", hooks=Hooks(True, rules=(conf.Rule("*attn*", table_set=True, table=t),)))
+    stock = _tensor_bytes(q("off-Q8_0", "Q8_0", hist=False)[0])
+    table = _tensor_bytes(q("table-basic", "Q8_0", hooks=Hooks(True, table=t))[0])
+    got = _tensor_bytes(mixed)
+    attn = {n for n in got if "attn" in n}
+    assert attn and attn != set(got)
+    for name, data in got.items():
+        assert data == (table if name in attn else stock)[name], name
+    doc = json.loads(Path(h).read_text())
+    assert doc["model"]["q8_0 codes"]["bins"] == "code" and doc["model"]["q8_0"]["bins"] == "value"
+    by_code = {e["name"] for e in doc["tensors"] if e.get("bins") == "code"}
+    assert by_code == {e["name"] for e in doc["tensors"] if e["name"] in attn and e["type"] == "q8_0"}

@@ -10,7 +10,10 @@ error is an error; `#` starts a comment; space is ASCII space, tab, CR, VT and F
 A configuration is one `KEY = value` a line:
 MODE (simple|pablo), Q4_0_RADIUS (0..7), TABLE_MODE (off | table name | .table path),
 TABLE_DIR (where named tables live; default tables/ beside the file), HIST_OUT (histogram
-JSON, checked to be writable). Relative paths are relative to the file's directory. The
+JSON, checked to be writable), and TENSOR = PATTERN [Q4_0_RADIUS=N] [TABLE_MODE=T], repeatable:
+the radius and/or table of the tensors whose names match PATTERN (`*` any run of bytes, `?` one
+byte, printable ASCII other than `=`); the first matching rule wins, the file's own keys are the
+default. Relative paths are relative to the file's directory. The
 thesis's legacy one-line form `MODE RADIUS TABLE` (TABLE 0 off, 1 basic, 2 balanced) is
 accepted too. A table is 16 lines `code lo hi level`: codes -8..7 in order, contiguous
 inclusive int8 ranges from -128 to 127, strictly increasing int8 levels.
@@ -19,7 +22,7 @@ inclusive int8 ranges from -128 to 127, strictly increasing int8 levels.
 import errno
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +31,13 @@ from .. import paths
 from ..errors import OrchestrateError
 from ..files import check_not_special, write_atomic
 
-KEYS = (b"MODE", b"Q4_0_RADIUS", b"TABLE_MODE", b"TABLE_DIR", b"HIST_OUT")
+KEYS = (b"MODE", b"Q4_0_RADIUS", b"TABLE_MODE", b"TABLE_DIR", b"HIST_OUT", b"TENSOR")
 LEGACY_TABLES = {0: b"off", 1: b"basic", 2: b"balanced"}
 LINE_MAX = 4096     # bytes in a line, without its newline
 NAME_MAX = 255      # bytes in a TABLE_MODE value
 PATH_MAX = 4096     # bytes in a resolved path, with the C reader's terminating NUL
+PATTERN_MAX = 255   # bytes in a TENSOR pattern
+RULES_MAX = 4096    # TENSOR rules in a file
 BOM = b"\xef\xbb\xbf"
 _INT = re.compile(rb"[+-]?[0-9]+")
 _NAME = re.compile(rb"[A-Za-z0-9_-]+")
@@ -158,6 +163,31 @@ def load_table(path: Path | bytes, name: str | None = None) -> Table:
     return Table(name or Path(_s(p)).stem, Path(_s(p)), tuple(lo), tuple(hi), tuple(level))
 
 
+def glob_match(pattern: str, name: str) -> bool:
+    """The C reader's whole-name match: `*` any run of characters (also none), `?` one, the rest itself."""
+    rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(rx, name, re.DOTALL) is not None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """TENSOR = PATTERN [Q4_0_RADIUS=N] [TABLE_MODE=T]: None where the rule leaves the file's value."""
+    pattern: str
+    line: int = 0
+    radius: int | None = None
+    table_set: bool = False      # TABLE_MODE given (then table None means off)
+    table: Table | None = None
+    table_file: str | None = None
+
+    def matches(self, name: str) -> bool:
+        return glob_match(self.pattern, name)
+
+
+def rule_for(rules, name: str) -> int | None:
+    """Index of the first rule whose pattern matches the tensor `name`, or None."""
+    return next((i for i, r in enumerate(rules) if r.matches(name)), None)
+
+
 @dataclass(frozen=True)
 class Conf:
     path: Path
@@ -168,6 +198,7 @@ class Conf:
     # differential test compares them with the C reader's as written)
     table_file: str | None = None
     hist_out: str | None = None
+    rules: tuple[Rule, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -203,11 +234,46 @@ def _check_hist_out(conf: bytes, line: int, hist: bytes) -> None:
     os.remove(tmp)
 
 
+def _parse_rule(p: bytes, n: int, val: bytes, count: int) -> tuple[Rule, bytes | None]:
+    """One TENSOR value (after `count` rules) -> the rule, its table not yet found, and its TABLE_MODE
+    value as written. The checks come in the C reader's order."""
+    tok = _tokens(val)
+    if len(tok) < 2:
+        raise _fail(p, n, "TENSOR needs a pattern and a setting, as in `TENSOR = blk.*.ffn_down.weight Q4_0_RADIUS=2`")
+    if len(tok) > 3:
+        raise _fail(p, n, "TENSOR takes a pattern and at most two settings (Q4_0_RADIUS=N, TABLE_MODE=T)")
+    pattern = tok[0]
+    if len(pattern) > PATTERN_MAX or any(not 0x20 < c < 0x7F or c == 0x3D for c in pattern):
+        raise _fail(p, n, f"bad tensor pattern '{_s(pattern)}' (at most {PATTERN_MAX} bytes of printable ASCII "
+                          "other than '=')")
+    if count == RULES_MAX:
+        raise _fail(p, n, f"more than {RULES_MAX} TENSOR rules")
+    radius, table_val = None, None
+    for setting in tok[1:]:
+        key, eq, v = setting.partition(b"=")
+        if not eq or key not in (b"Q4_0_RADIUS", b"TABLE_MODE"):
+            raise _fail(p, n, f"unknown rule setting '{_s(key)}' (known: Q4_0_RADIUS=N, TABLE_MODE=T)")
+        if (radius if key == b"Q4_0_RADIUS" else table_val) is not None:
+            raise _fail(p, n, f"{key.decode()} is set twice in one rule")
+        if not v:
+            raise _fail(p, n, f"{key.decode()} has no value")
+        if key == b"Q4_0_RADIUS":
+            radius = _int(v, 0, 7)
+            if radius is None:
+                raise _fail(p, n, f"Q4_0_RADIUS must be an integer 0..7, got '{_s(v)}'")
+        else:
+            if len(v) > NAME_MAX:
+                raise _fail(p, n, f"TABLE_MODE value too long (more than {NAME_MAX} bytes)")
+            table_val = v
+    return Rule(pattern.decode("ascii"), n, radius, table_val is not None), table_val
+
+
 def parse_conf(path: Path | bytes) -> Conf:
     p = os.fsencode(path)
     seen: set[bytes] = set()
     experiment, radius, table_val, table_line, table_dir, hist, hist_line = False, 0, b"off", 0, None, None, 0
     legacy, count = False, 0
+    rules: list[tuple[Rule, bytes | None]] = []
     for n, s in _lines(p):
         if not s:
             continue
@@ -229,6 +295,9 @@ def parse_conf(path: Path | bytes) -> Conf:
             raise _fail(p, n, "the legacy one-line form cannot be mixed with `KEY = value` lines")
         key, _, val = s.partition(b"=")
         key, val = key.strip(), val.strip()
+        if key == b"TENSOR":  # repeatable, in order
+            rules.append(_parse_rule(p, n, val, len(rules)))
+            continue
         if key not in KEYS:
             raise _fail(p, n, f"unknown key '{_s(key)}' (known: {', '.join(k.decode() for k in KEYS)})")
         if key in seen:
@@ -259,9 +328,16 @@ def parse_conf(path: Path | bytes) -> Conf:
     if not legacy and b"MODE" not in seen:
         raise _fail(p, 0, "MODE is missing (MODE = simple or MODE = pablo)")
     table, table_file = (None, None) if table_val == b"off" else _find_table(table_val, p, table_dir, table_line)
+    found = []
+    for rule, value in rules:
+        if value not in (None, b"off"):
+            rule_table, rule_file = _find_table(value, p, table_dir, rule.line)
+            rule = replace(rule, table=rule_table, table_file=rule_file)
+        found.append(rule)
     if hist is not None:
         _check_hist_out(p, hist_line, hist)
-    return Conf(Path(_s(p)), experiment, radius, table, table_file, _s(hist) if hist is not None else None)
+    return Conf(Path(_s(p)), experiment, radius, table, table_file, _s(hist) if hist is not None else None,
+                tuple(found))
 
 
 MAX_TABLE_BYTES = 1 << 16  # 16 lines and their comments: anything near this is a mistake
@@ -284,17 +360,32 @@ def table_arg(value: str, relative_to: Path | None = None) -> Table:
     return load_table(builtin, value)
 
 
+def rule_arg(text: str, relative_to: Path | None = None) -> Rule:
+    """A rule given on the command line, `PATTERN [Q4_0_RADIUS=N] [TABLE_MODE=T]` (the file's TENSOR
+    grammar); its table is a built-in name or a .table file, as for --table."""
+    try:
+        rule, value = _parse_rule(b"", 0, os.fsencode(text), 0)
+    except ConfError as e:
+        raise OrchestrateError(f"rule '{text}': {str(e).split(': ', 2)[2]}") from None
+    if value in (None, b"off"):
+        return rule
+    table = table_arg(_s(value), relative_to)
+    return replace(rule, table=table, table_file=str(table.path))
+
+
 @dataclass(frozen=True)
 class Hooks:
     """What the hooks do to the values while quantizing: nothing (stock values), or the experiments
-    (`MODE = pablo` in the file) with a zero radius for Q4_0 and a translation table for Q8_0."""
+    (`MODE = pablo` in the file) with a zero radius for Q4_0 and a translation table for Q8_0, and
+    per-tensor rules that set them for the tensors they match."""
     experiment: bool = False
     radius: int = 0
     table: Table | None = None
+    rules: tuple[Rule, ...] = ()
 
     def __post_init__(self):
-        if (self.radius or self.table is not None) and not self.experiment:
-            what = "a translation table" if self.table is not None else "a radius"
+        if (self.radius or self.table is not None or self.rules) and not self.experiment:
+            what = "a translation table" if self.table is not None else "a radius" if self.radius else "a rule"
             raise OrchestrateError(f"{what} takes effect only in the experiment mode (--mode pablo)")
 
     @property
@@ -324,6 +415,15 @@ def write_conf(path: Path, hooks: Hooks, hist_out: Path | None = None) -> Path:
         lines.append(f"TABLE_MODE = {value(table.path)}")
     if hist_out:
         lines.append(f"HIST_OUT = {value(hist_out)}")
+    for r in hooks.rules:
+        settings = [f"Q4_0_RADIUS={r.radius}"] if r.radius is not None else []
+        if r.table_set:
+            path_ = "off" if r.table is None else value(r.table.path)
+            if any(c.isspace() for c in path_):
+                raise OrchestrateError(f"{path_}: a table path with a space cannot be written into a TENSOR rule; "
+                                       "move or rename it")
+            settings.append(f"TABLE_MODE={path_}")
+        lines.append(f"TENSOR = {r.pattern} {' '.join(settings)}")
     path = Path(path)
     write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
     return path

@@ -6,6 +6,7 @@
 // bytes (no field can hold one: the reader rejects NUL bytes):
 //   E <message>
 //   K <mode> <radius> <table name|off> <table path> <lo,..> <hi,..> <level,..> <hist_out>
+//     then for each TENSOR rule: <pattern> <line> <radius|-> <table name|off|-> <table path> <lo,..> <hi,..> <level,..>
 #include "ggml-pablo.h"
 #include "ggml-pablo-impl.h"
 
@@ -39,7 +40,19 @@ int main(void) {
             } else {
                 printf("off%c%c%c%c%c", 0, 0, 0, 0, 0);
             }
-            printf("%s\n", s->hist_out);
+            printf("%s", s->hist_out);
+            for (int i = 0; i < s->n_rules; i++) {
+                const struct pablo_rule * r = &s->rules[i];
+                printf("%c%s%c%d%c", 0, r->pattern, 0, r->line, 0);
+                r->set_radius ? printf("%d%c", r->radius, 0) : printf("-%c", 0);
+                if (r->table_on) {
+                    printf("%s%c%s%c", r->table.name, 0, r->table.path, 0);
+                    ints(r->table.lo); putchar(0); ints(r->table.hi); putchar(0); ints(r->table.level);
+                } else {
+                    printf("%s%c%c%c%c", r->set_table ? "off" : "-", 0, 0, 0, 0);
+                }
+            }
+            putchar('\n');
         }
         fflush(stdout);
         ggml_pablo_end();
