@@ -1,0 +1,166 @@
+"""Groups of tensors for a sensitivity scan, and a group's model assembled without quantizing again.
+
+A scan asks what an encoding E does when applied to one group of tensors only, against a reference
+R (the stock type E is built on). When E keeps every tensor's type (a radius, a table), the model
+"R with E on group g" is R's file with g's tensor data taken from E's file: both come from one base
+with the same types, so they have the same header and layout, and each tensor's bytes are what
+quantizing the base with E's setting as a per-tensor rule for g gives (tests check that equality).
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import OrchestrateError
+from ..files import write_json
+from ..hooks.conf import PATTERN_MAX
+from . import analysis
+
+BY = ("kind", "layer", "layer-kind", "tensor")
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+?)(?:\.weight)?$")
+_LITERAL = re.compile(r"[!-~]+")  # printable ASCII, no space: a rule pattern's bytes
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str                  # e.g. "ffn_down", "blk.3", "blk.3.ffn_down"
+    layer: int | None          # None: all layers, or not a block tensor
+    kind: str | None           # None: all kinds
+    tensors: tuple[str, ...]   # in file order
+
+
+def place(tensor: str) -> tuple[int | None, str]:
+    """(layer, kind) of a tensor name: blk.3.ffn_down.weight -> (3, "ffn_down"); token_embd.weight ->
+    (None, "token_embd")."""
+    m = _BLOCK.fullmatch(tensor)
+    if m:
+        return int(m.group(1)), m.group(2)
+    return None, tensor.removesuffix(".weight")
+
+
+def make_groups(tensors: list[str], by: str) -> list[Group]:
+    """The tensors (those the encoding changes) grouped by kind, by layer, by layer and kind, or each
+    alone; groups in order of first appearance (layers numerically)."""
+    if by not in BY:
+        raise OrchestrateError(f"bad grouping '{by}' (choose from {', '.join(BY)})")
+    found: dict[tuple, list[str]] = {}
+    for t in tensors:
+        layer, kind = place(t)
+        key = {"kind": (None, kind), "layer": (layer, None if layer is not None else kind),
+               "layer-kind": (layer, kind), "tensor": (t,)}[by]
+        found.setdefault(key, []).append(t)
+    out = []
+    for key, names in found.items():
+        if by == "tensor":
+            layer, kind = place(key[0])
+            out.append(Group(key[0], layer, kind, tuple(names)))
+            continue
+        layer, kind = key
+        name = ".".join(p for p in (None if layer is None else f"blk.{layer}", kind) if p)
+        out.append(Group(name, layer, kind, tuple(names)))
+    return sorted(out, key=lambda g: (g.layer is None, g.layer or 0, g.kind or ""))
+
+
+def _layout(path: Path):
+    reader = analysis.open_model(path)
+    return reader, {t.name: (int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
+
+
+def _header(path: Path, data_offset: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(data_offset)
+
+
+def check_same_layout(ref: Path, enc: Path) -> dict[str, tuple[int, int]]:
+    """The tensors' (offset, bytes) when ref and enc have the same header (metadata, tensor names,
+    types, shapes, offsets), else a clear error."""
+    a, la = _layout(ref)
+    b, lb = _layout(enc)
+    if a.data_offset != b.data_offset or la != lb or _header(ref, a.data_offset) != _header(enc, b.data_offset):
+        raise OrchestrateError(f"{enc.name} and {ref.name} do not have the same layout (tensor types, shapes or "
+                               "metadata differ): a group's model cannot be assembled from them")
+    return la
+
+
+def changed_tensors(ref: Path, enc: Path) -> list[str]:
+    """Names of the tensors whose bytes differ between the two files (same layout), in file order."""
+    layout = check_same_layout(ref, enc)
+    out = []
+    with open(ref, "rb") as fa, open(enc, "rb") as fb:
+        for name, (offset, n) in layout.items():
+            fa.seek(offset), fb.seek(offset)
+            ha, hb = hashlib.sha256(), hashlib.sha256()
+            left = n
+            while left:
+                k = min(left, 16 << 20)
+                ha.update(fa.read(k)), hb.update(fb.read(k))
+                left -= k
+            if ha.digest() != hb.digest():
+                out.append(name)
+    return out
+
+
+def rule_pattern(tensor: str) -> str:
+    """A tensor's name as a TENSOR rule pattern matching it alone."""
+    if not _LITERAL.fullmatch(tensor) or any(c in tensor for c in "=*?") or len(tensor) > PATTERN_MAX:
+        raise OrchestrateError(f"tensor name {tensor!r} cannot be written as a rule pattern")
+    return tensor
+
+
+def assemble(ref: Path, enc: Path, tensors: tuple[str, ...], out: Path) -> Path:
+    """ref's file with the named tensors' data taken from enc, written atomically to out."""
+    layout = check_same_layout(ref, enc)
+    missing = [t for t in tensors if t not in layout]
+    if missing:
+        raise OrchestrateError(f"{ref.name} has no tensor {missing[0]}")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        shutil.copyfile(ref, tmp)
+        with open(enc, "rb") as src, open(tmp, "r+b") as dst:
+            for t in tensors:
+                offset, n = layout[t]
+                src.seek(offset), dst.seek(offset)
+                left = n
+                while left:
+                    chunk = src.read(min(left, 16 << 20))
+                    if not chunk:
+                        raise OrchestrateError(f"{enc.name} ends inside tensor {t}")
+                    dst.write(chunk)
+                    left -= len(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def assemble_hist(ref_hist: Path, enc_hist: Path, tensors: tuple[str, ...], out: Path) -> Path:
+    """The hooks' histograms of the assembled model: each tensor's entry from the file it came from,
+    and the model totals summed again from them (what quantizing with the rules would have written)."""
+    ref, enc = (json.loads(Path(p).read_text()) for p in (ref_hist, enc_hist))
+    from_enc = {e["name"]: e for e in enc["tensors"]}
+    take = set(tensors)
+    entries = [from_enc[e["name"]] if e["name"] in take else e for e in ref["tensors"]]
+    hooked = [e for e in entries if e.get("hooked")]
+    by_value = {e["type"] for e in hooked if e["bins"] == "value"}
+    model: dict[str, dict] = {}
+    for e in hooked:  # keyed as the fork keys them: "q8_0 codes" only beside a "q8_0" by value
+        key = f"{e['type']} codes" if e["bins"] == "code" and e["type"] in by_value else e["type"]
+        m = model.setdefault(key, {"tensors": 0, "bins": e["bins"], "bin_min": e["bin_min"], "elements": 0,
+                                   "values": [0] * len(e["values"]), "zero_runs": [0] * len(e["zero_runs"]),
+                                   "long_run_pieces": 0})
+        m["tensors"] += 1
+        m["elements"] += e["elements"]
+        m["values"] = [a + b for a, b in zip(m["values"], e["values"])]
+        m["zero_runs"] = [a + b for a, b in zip(m["zero_runs"], e["zero_runs"])]
+        m["long_run_pieces"] += e["long_run_pieces"]
+    doc = {**enc, "config": {**enc["config"], "assembled": {"reference": ref["config"], "tensors": sorted(take)}},
+           "model": model, "tensors": entries}
+    write_json(out, doc)
+    return out
