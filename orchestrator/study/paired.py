@@ -34,6 +34,7 @@ QUANTITIES = {"nll": "ln(PPL ratio)", "kld": "KL divergence", "top": "same top t
 MIN_CHUNKS = 8
 
 
+@functools.lru_cache(maxsize=None)
 def t_quantile(p: float, df: int) -> float:
     """Student's t quantile (p > 0.5), by bisection on its distribution function (numerically
     integrated density: numpy has no t distribution, and this needs no other library)."""
