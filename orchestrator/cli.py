@@ -392,6 +392,43 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, kee
 
 
 @cli.command()
+@click.option("--radius", type=click.IntRange(1, 7), default=None, help="Encoding: this zero radius on Q4_0.")
+@click.option("--table", default=None, help="Encoding: this Q8_0 translation table (a name in conf/tables, "
+                                            "balanced-fit, optimal, or a .table file).")
+@click.option("--by", type=click.Choice(["kind", "layer", "layer-kind", "tensor"]), default="kind", show_default=True,
+              help="How the tensors the encoding changes are grouped; each group is scored alone.")
+@click.option("--threshold", type=float, default=None,
+              help="Stop scoring a group once its KLD effect's interval is wholly above or below this (nats/token).")
+@click.option("--width", type=click.FloatRange(0, min_open=True), default=None,
+              help="Stop scoring a group once its KLD effect's interval half-width is at most this.")
+@click.option("--model", type=UserPath(), default=None, help="Base model GGUF (default: the built-in demo model).")
+@click.option("--text", type=UserPath(), default=None, help="Text to score (default: the built-in demo text).")
+@click.option("--out", type=UserPath(), default=None, help="Output directory (default: plots/scan-<encoding>-<by>-<model>).")
+@click.option("--ctx", type=click.IntRange(16), default=512, show_default=True, help="Tokens per chunk (-c).")
+@click.option("--chunks", type=click.IntRange(0), default=64, show_default=True,
+              help="The most chunks a group is scored on (0 = the whole text).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Threads for llama-* (default: all cores).")
+@BACKEND
+@LLAMA_ENV
+def scan(radius, table, by, threshold, width, model, text, out, ctx, chunks, threads, backend, llama_env):
+    """Where does an encoding hurt? Apply it to one group of tensors at a time (against stock Q4_0 for a
+    radius, stock Q8_0 for a table) and score each group's model against the base, adaptively."""
+    from . import driver
+    from .study.experiment import Experiment
+    if (radius is None) == (table is None):
+        raise OrchestrateError("give the encoding to scan: --radius N or --table NAME")
+    name = f"scan-r{radius}" if radius is not None else f"scan-{Path(table).stem}"
+    exp = Experiment(name, types=["Q4_0" if radius is not None else "Q8_0"],
+                     radius=[radius] if radius is not None else [], tables=[table] if table else [],
+                     ctx=ctx, chunks=chunks)
+    opts = driver.Options(threads=threads, llama_env=_llama_env(llama_env), backend=backend)
+    out_dir, doc = driver.scan(exp, by, model, text, out, opts, threshold=threshold, width=width)
+    top = doc["groups"] and max(doc["groups"], key=lambda g: g["effects"]["kld"]["mean"])
+    click.echo(f"{len(doc['groups'])} groups scanned" + (f"; most sensitive: {top['name']}" if top else ""))
+    click.echo(f"report: {out_dir / 'scan.md'}")
+
+
+@cli.command()
 @click.argument("directory", type=UserPath())
 @click.option("--damage", "damage_variant", default=None, help="Variant for the weight-error heat-map.")
 def plot(directory, damage_variant):

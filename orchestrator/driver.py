@@ -13,24 +13,25 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths, results
+from . import paths, results, scans
 from .errors import OrchestrateError
 from .fetch import sha256_of
 from .files import check_input_file
 from .fork import build
 from .fork.build import Fork
 from .hooks.tables import fit, write_table
-from .study import analysis, cache, paired, plan, runs, scores
+from .study import analysis, cache, groups, paired, plan, runs, scan as scan_mod, scores, sequential
 from .study.base import Base, cached_histogram, file_id, measured_histogram, needs_upcast, prepare_base, upcast_path
 from .study.display import Display
 from .study.experiment import Experiment, Variant
-from .study.runner import finished_row, run_local
-from .study.runs import Inputs
+from .study.runner import finished_row, kept_model, run_local
+from .study.runs import Inputs, ScoreDir
 from .tools import perplexity, tokenize
 from .tools.quantize import canonical_type, needs_imatrix
 
 logger = logging.getLogger(__name__)
 ALL_LAYERS = 999  # -ngl for "every layer on the GPU"
+BATCH = 2048      # llama-perplexity's default -b: it scores BATCH // ctx chunks together
 
 
 @dataclass(frozen=True)
@@ -226,3 +227,47 @@ def redraw(out: Path, damage_variant: str | None = None) -> list[tuple[str, str]
     """`orchestrate plot DIR`: the report's figures and text again, from results.json alone."""
     from .report import report
     return report.redraw(out, damage_variant)
+
+
+def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: Path | None, opts: Options = Options(),
+         threshold: float | None = None, width: float | None = None) -> tuple[Path, dict]:
+    """`orchestrate scan`: exp holds the reference (a stock type) and the encoding (a radius or a table
+    on that type); each group of the tensors the encoding changes is scored alone, adaptively."""
+    from .report import scan_report
+    model, text = _files(model, text)
+    out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{by}-{model.stem}"
+    with results.locked(out):
+        fork = build.build(quiet=False, backend=opts.backend)
+        p = prepare(exp, model, text, Options(**{**opts.__dict__, "kld": True}), fork, make_base=True)
+        _check_imatrix(p)
+        inp = p.inp
+        variants, unfit = with_tables(p.exp, inp, out)
+        if unfit:
+            raise OrchestrateError(next(iter(unfit.values())))
+        display = Display(variants)
+        rows = run_local(variants, inp, True, display, {}, functools.partial(cache.record, sweep=out))
+        for r in rows:
+            if r.status != "ok":
+                raise OrchestrateError(f"{r.name} failed: {r.reason}" + (f" (log: {r.log})" if r.log else ""))
+        base, ref, enc = rows
+        sides = []
+        for v, r in ((variants[1], ref), (variants[2], enc)):
+            run = kept_model(inp, v, display.step)
+            sides.append(scan_mod.Side(r.name, run.model, run.hist, r.tensor_key, Path(r.scores_file)))
+        changed = groups.changed_tensors(sides[0].model, sides[1].model)
+        if not changed:
+            raise OrchestrateError(f"{enc.name} changes no tensor of {ref.name}: there is nothing to scan")
+        gs = groups.make_groups(changed, by)
+        rule = scan_mod.Rule(tuple(sequential.schedule(p.chunks, align=max(1, BATCH // inp.ctx))), threshold, width)
+        logger.info("scan: %d group%s by %s, looks after %s chunks", len(gs), "s" * (len(gs) != 1), by,
+                    ", ".join(map(str, rule.looks)))
+        logits = ScoreDir(Path(base.score_dir)).logits
+        found = scan_mod.run_scan(inp, *sides, gs, rule, logits)
+        settings = {"by": by, "looks": list(rule.looks), "threshold": threshold, "width": width,
+                    "confidence": paired.CONFIDENCE, "ctx": inp.ctx, "chunks": p.chunks, "threads": inp.threads}
+        doc = scans.document(settings, {"name": enc.name, "type": enc.type, "radius": enc.radius, "table": enc.table},
+                             {"name": ref.name, "type": ref.type, "scores": ref.scores_file}, inp.base, logits,
+                             inp.text, inp.text_id, fork, [r.to_dict() for r in rows],
+                             [g.to_dict() for g in found])
+        scan_report.write_all(doc, out)
+    return out, doc

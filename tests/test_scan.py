@@ -64,3 +64,143 @@ def test_groups_by_kind_layer_and_tensor():
         groups.make_groups(names, "row")
     with pytest.raises(OrchestrateError, match="cannot be written as a rule"):
         groups.rule_pattern("blk.*.x")
+
+
+# ---- llama-perplexity's window (patch 0007) and the scan on the demo --------------------------
+
+import subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from conftest import orchestrate  # noqa: E402
+from orchestrator.proc import clean_env  # noqa: E402
+from orchestrator.study import scores  # noqa: E402
+
+
+def _perplexity(fork, model, text, out, chunks_env=None, extra=()):
+    env = {**clean_env(), "PABLO_SCORES": str(out), **({"PABLO_CHUNKS": chunks_env} if chunks_env else {})}
+    return subprocess.run([str(fork.binary("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "512",
+                           "--chunks", "8", "-t", "2", *extra], env=env, capture_output=True, text=True)
+
+
+def test_a_window_scores_what_a_full_run_scores(fork, q, demo_base, demo_text, tmp_path):
+    """PABLO_CHUNKS=4:8 (a whole batch of 4 chunks at -c 512) gives the per-token scores of chunks 4..7
+    of a run over 0..7, in perplexity and KL-divergence modes; a window outside is an error."""
+    model, _ = q("simple-hist-Q4_0", "Q4_0")
+    logits = tmp_path / "base.logits"
+    res = subprocess.run([str(fork.binary("llama-perplexity")), "-m", str(demo_base), "-f", str(demo_text), "-c",
+                          "512", "--chunks", "8", "-t", "2", "--kl-divergence-base", str(logits)],
+                         env=clean_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    for mode, extra in (("ppl", ()), ("kld", ("--kl-divergence-base", str(logits), "--kl-divergence"))):
+        full, part = tmp_path / f"{mode}-full.bin", tmp_path / f"{mode}-part.bin"
+        assert _perplexity(fork, model, demo_text, full, extra=extra).returncode == 0
+        res = _perplexity(fork, model, demo_text, part, "4:8", extra)
+        assert res.returncode == 0 and "scoring chunks 4..7 of 8" in res.stderr, res.stderr
+        a, b = scores.read(full), scores.read(part)
+        assert b.n_chunk == 4 and set(a.arrays) == set(b.arrays) == ({"nll", "kld", "top"} if mode == "kld" else {"nll"})
+        for name in a.arrays:
+            assert np.array_equal(a.arrays[name][4:8], b.arrays[name]), (mode, name)
+    bad = _perplexity(fork, model, demo_text, tmp_path / "bad.bin", "6:9")
+    assert bad.returncode == 1 and "PABLO_CHUNKS=6:9 is not a window" in bad.stderr
+    assert not (tmp_path / "bad.bin").exists()
+
+
+def _rounds(out: Path) -> list[Path]:
+    doc = json.loads((out / "scan.json").read_text())
+    return sorted(p for g in doc["groups"] for p in Path(g["scan_dir"]).glob("chunks-*.bin"))
+
+
+@pytest.fixture(scope="module")
+def kind_scan(fork, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scan") / "by-kind"
+    res = orchestrate("scan", "--radius", "1", "--by", "kind", "--ctx", "256", "--chunks", "32",
+                      "--threshold", "0.05", "--out", out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out, res
+
+
+def _check_figure(path: Path):
+    from PIL import Image  # matplotlib's own dependency
+    with Image.open(path) as im:
+        im.load()
+        assert im.size[0] > 200
+
+
+def test_scan_by_kind_of_radius_1_on_the_demo(kind_scan):
+    out, res = kind_scan
+    doc = json.loads((out / "scan.json").read_text())
+    kinds = {g["name"] for g in doc["groups"]}
+    assert kinds == {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
+    looks = doc["settings"]["looks"]
+    assert looks == [8, 16, 32]  # 2048 // 256 = 8 chunks a batch
+    for g in doc["groups"]:
+        e = g["effects"]["kld"]
+        assert g["chunks"] in looks and e["lo"] <= e["mean"] <= e["hi"]
+        decided = e["lo"] > 0.05 or e["hi"] < 0.05
+        assert decided == (g["verdict"] in ("above", "below")), g  # stopped early only when decided
+        assert g["verdict"] != "more" and (decided or g["chunks"] == 32)
+    for f in ("scan_heatmap.png", "scan_ranked.png"):
+        _check_figure(out / f)
+    table = (out / "scan.md").read_text()
+    assert "Chunks scored:" in table and all(k in table for k in kinds)
+    assert (out / "scan.csv").read_text().splitlines()[0].startswith("rank,group,layer,kind")
+
+
+def test_a_scan_run_again_scores_nothing_and_keeps_every_round(kind_scan):
+    out, _ = kind_scan
+    before = {p: p.stat().st_mtime_ns for p in _rounds(out)}
+    res = orchestrate("scan", "--radius", "1", "--by", "kind", "--ctx", "256", "--chunks", "32",
+                      "--threshold", "0.05", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert ": chunks " not in res.stderr  # no round scored
+    # another threshold: the rounds already scored are read, never scored again
+    res = orchestrate("scan", "--radius", "1", "--by", "kind", "--ctx", "256", "--chunks", "32",
+                      "--threshold", "0.5", "--out", out)
+    assert res.returncode == 0, res.stderr
+    for p, t in before.items():
+        assert p.stat().st_mtime_ns == t, p
+
+
+def test_a_groups_scores_are_those_of_the_model_its_rules_quantize(kind_scan, q, fork, demo_text, tmp_path):
+    """Same tensors, same scores: the base quantized with radius 1 as a rule for attn_k's tensors only,
+    scored on the scan's first round of chunks, gives the group's per-token scores exactly."""
+    out, _ = kind_scan
+    doc = json.loads((out / "scan.json").read_text())
+    g = next(g for g in doc["groups"] if g["name"] == "attn_k")
+    rules = tuple(conf.Rule(groups.rule_pattern(t), radius=1) for t in g["tensors"])
+    model, _ = q("rules-attn_k", "Q4_0", hooks=Hooks(True, rules=rules))
+    kept = scores.read(Path(g["scan_dir"]) / "chunks-0-8.bin")
+    mine = tmp_path / "mine.bin"
+    res = subprocess.run([str(fork.binary("llama-perplexity")), "-m", str(model), "-f", str(demo_text), "-c", "256",
+                          "-t", "2", "--kl-divergence-base", doc["base"]["logits"], "--kl-divergence"],
+                         env={**clean_env(), "PABLO_SCORES": str(mine), "PABLO_CHUNKS": "0:8"},
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    got = scores.read(mine)
+    assert set(got.arrays) == set(kept.arrays) == {"nll", "kld", "top"}
+    for name in got.arrays:
+        assert np.array_equal(got.arrays[name], kept.arrays[name]), name
+
+
+def test_scan_by_layer_of_radius_1_on_the_demo(fork, tmp_path):
+    """Every layer a group (a fixed schedule: one look of 8 chunks, no threshold); the heat-map has a
+    row per layer."""
+    out = tmp_path / "by-layer"
+    res = orchestrate("scan", "--radius", "1", "--by", "layer", "--ctx", "256", "--chunks", "8", "--out", out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads((out / "scan.json").read_text())
+    assert [g["name"] for g in doc["groups"]] == [f"blk.{i}" for i in range(30)]
+    assert all(g["chunks"] == 8 and g["verdict"] == "all chunks" for g in doc["groups"])
+    assert all(len(g["tensors"]) == 7 for g in doc["groups"])  # q, k, v, output, gate, up, down
+    _check_figure(out / "scan_heatmap.png")
+    assert "Chunks scored: 240 of the 240" in (out / "scan.md").read_text()
+
+
+def test_scan_refuses_what_it_cannot_do(fork, tmp_path):
+    res = orchestrate("scan", "--out", tmp_path / "x")
+    assert res.returncode != 0 and "give the encoding to scan" in res.stderr and "Traceback" not in res.stderr
+    res = orchestrate("scan", "--radius", "1", "--table", "basic", "--out", tmp_path / "x")
+    assert res.returncode != 0 and "give the encoding to scan" in res.stderr
+    res = orchestrate("scan", "--radius", "1", "--by", "row", "--out", tmp_path / "x")
+    assert res.returncode == 2 and "row" in res.stderr

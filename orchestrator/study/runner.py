@@ -68,6 +68,20 @@ def finished_row(inp: Inputs, v: Variant) -> Row | None:
     return row if ScoreDir(Path(row.score_dir)).scored() else None
 
 
+def kept_model(inp: Inputs, v: Variant, step) -> RunDir:
+    """A finished variant's run directory with its model in it: quantized again when a run that did not
+    keep it finished earlier (the same bytes: quantization is deterministic)."""
+    run = run_dir(inp, v)
+    lock = take_lock(run.lock, v, step)
+    try:
+        if not run.model.exists():
+            step(v, "quantize (again: its model is read)")
+            write_json(run.quantize, _quantize_step(inp, v, run, step))
+    finally:
+        lock.release()
+    return run
+
+
 def scored(inp: Inputs, v: Variant, model: Path, sdir: ScoreDir, kld_base: KldBase | None, step) -> dict:
     """The model's perplexity and per-token scores: from its score directory when a variant with
     the same tensors was already scored, else measured now."""

@@ -70,6 +70,23 @@ class ScoreDir:
         return self.perplexity.exists() and (not logits or self.logits.exists())
 
 
+@dataclass(frozen=True)
+class ScanDir:
+    """One scan group's model (R with E's tensors for the group), scored in rounds of chunks against
+    the base: each round's per-token scores kept, so a chunk scored once is never scored again."""
+    path: Path
+
+    model = property(lambda self: self.path / "model.gguf")           # assembled; removed when done
+    result = property(lambda self: self.path / "result.json")         # the verdict; written last
+    lock = property(lambda self: lock_of(self.path))
+
+    def scores(self, a: int, b: int) -> Path:
+        return self.path / f"chunks-{a}-{b}.bin"
+
+    def log(self, a: int, b: int) -> Path:
+        return self.path / f"chunks-{a}-{b}.log"
+
+
 def quantize_type(q: dict) -> str:
     """The llama-quantize type of a run's quantize.json (its command: [tool, *extra, base, out, TYPE, threads])."""
     return q["command"][-2]
@@ -117,6 +134,12 @@ def score_dir(inp: Inputs, tensors: str, kld_base_tensors: str | None) -> ScoreD
     """Where a model with these tensors is scored: the same for every variant that has them.
     kld_base_tensors: the tensor key of the base whose logits a --kld variant is scored against."""
     return ScoreDir(inp.cache / "scores" / _key(inp, {"tensors": tensors, "kld_base": kld_base_tensors}))
+
+
+def scan_dir(inp: Inputs, reference_tensors: str, encoding_tensors: str, tensors: tuple[str, ...]) -> ScanDir:
+    """Where the group `tensors` of a scan of encoding E against reference R (their tensor keys) is scored."""
+    return ScanDir(inp.cache / "scans" / _key(inp, {"reference": reference_tensors, "encoding": encoding_tensors,
+                                                     "tensors": list(tensors)}))
 
 
 def export(row: results.Row, out: Path) -> results.Row:

@@ -1,0 +1,54 @@
+"""A scan's output directory: its document (scan.json: schema, how it is made and read) and the
+ranked table beside it (scan.csv). The scan writes them, the report reads scan.json; neither imports
+the other."""
+
+import csv
+import io
+from pathlib import Path
+
+from .errors import OrchestrateError
+from .files import read_json, write_atomic, write_json
+
+SCHEMA = "orchestrate.scan/1"
+FILE = "scan.json"
+CSV = "scan.csv"
+CSV_COLUMNS = ("rank", "group", "layer", "kind", "tensors", "chunks", "verdict", "kld_effect", "kld_lo", "kld_hi",
+               "nll_effect", "nll_lo", "nll_hi")
+
+
+def document(settings: dict, encoding: dict, reference: dict, base, logits: Path, text: Path, text_sha256: str, fork,
+             variants: list[dict], groups: list[dict]) -> dict:
+    """settings: by, looks, threshold, width, confidence, ctx, chunks; variants: the base's, R's and E's
+    rows (results.Row.to_dict()); groups: GroupResult.to_dict()s; logits: the base's, which every group
+    was scored against (KLD)."""
+    return {"schema": SCHEMA, "settings": settings, "encoding": encoding, "reference": reference,
+            "base": {"path": str(base.path), "sha256": base.sha256, "logits": str(logits)},
+            "text": str(text), "text_sha256": text_sha256,
+            "fork": fork.id, "variants": variants, "groups": groups}
+
+
+def ranked(doc: dict) -> list[dict]:
+    """Groups from the most hurt (largest KLD effect) to the least."""
+    return sorted(doc["groups"], key=lambda g: -g["effects"]["kld"]["mean"])
+
+
+def write(out: Path, doc: dict) -> None:
+    write_json(Path(out) / FILE, doc)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for i, g in enumerate(ranked(doc), 1):
+        k, n = g["effects"]["kld"], g["effects"]["nll"]
+        w.writerow([i, g["name"], g["layer"], g["kind"], len(g["tensors"]), g["chunks"], g["verdict"],
+                    k["mean"], k["lo"], k["hi"], n["mean"], n["lo"], n["hi"]])
+    write_atomic(Path(out) / CSV, buf.getvalue())
+
+
+def load(directory: Path) -> dict:
+    path = Path(directory) / FILE
+    if not path.exists():
+        raise OrchestrateError(f"{directory} has no {FILE} (not a scan directory)")
+    doc = read_json(path)
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise OrchestrateError(f"{path} is not a scan document of this version ({SCHEMA})")
+    return doc

@@ -1,0 +1,147 @@
+"""A sensitivity scan's groups, each scored adaptively: where does an encoding hurt?
+
+For each group g of tensors, the model "reference R with encoding E on g only" is assembled from R's
+and E's files (study.groups) and scored against the base in rounds of chunks (llama-perplexity's
+window, patch 0007); after each round its effect — per chunk, the group model's mean KLD (or NLL)
+minus R's on the same tokens — gets an interval, and the group stops as the sequential rule says
+(study.sequential). Rounds already scored are kept in the group's scan directory (study.runs), so an
+interrupted scan, or a later one with another threshold, never scores a chunk twice.
+"""
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OrchestrateError, ToolError
+from ..files import read_json, write_json
+from ..tools import perplexity
+from . import groups, scores, sequential
+from .groups import Group
+from .runs import Inputs, ScanDir, scan_dir
+
+logger = logging.getLogger(__name__)
+QUANTITIES = ("kld", "nll")   # the first decides when to stop
+
+
+@dataclass(frozen=True)
+class Side:
+    """R or E: its model, histograms, tensor key and per-token scores over all the scan's chunks."""
+    name: str
+    model: Path
+    hist: Path
+    tensors: str
+    scores: Path
+
+
+@dataclass(frozen=True)
+class Rule:
+    looks: tuple[int, ...]
+    threshold: float | None
+    width: float | None
+
+
+@dataclass(frozen=True)
+class Effect:
+    mean: float
+    lo: float | None
+    hi: float | None
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    group: Group
+    chunks: int                  # chunks scored
+    verdict: str                 # sequential.Look.verdict
+    effects: dict                # quantity -> Effect (the interval of the look where it stopped)
+    seconds: float               # llama-perplexity seconds spent on it (0 when all its rounds were kept)
+    scan_dir: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.group.name, "layer": self.group.layer, "kind": self.group.kind,
+                "tensors": list(self.group.tensors), "chunks": self.chunks, "verdict": self.verdict,
+                "effects": {q: asdict(e) for q, e in self.effects.items()}, "seconds": self.seconds,
+                "scan_dir": self.scan_dir}
+
+
+def chunk_means(s: scores.Scores, quantity: str) -> np.ndarray:
+    return s.arrays[quantity].astype(np.float64).mean(axis=1)
+
+
+def _round(inp: Inputs, d: ScanDir, ref: Side, enc: Side, g: Group, a: int, b: int, kld_base: Path) -> float:
+    """Score chunks a..b-1 of the group's model (assembling it first if needed); llama seconds."""
+    if not d.model.exists():
+        groups.assemble(ref.model, enc.model, g.tensors, d.model)
+    res = perplexity.run(inp.fork, d.model, inp.scoring, d.log(a, b), d.scores(a, b),
+                         {**inp.llama_env, "PABLO_CHUNKS": f"{a}:{b}"}, kld_base=kld_base)
+    return float(res["seconds"])
+
+
+def _look(d: ScanDir, ref_means: dict, looks: tuple[int, ...], upto: int, rule: Rule) -> sequential.Look:
+    parts = [scores.read(d.scores(a, b)) for a, b in zip((0,) + looks, looks) if b <= upto]
+    mine = np.concatenate([chunk_means(p, QUANTITIES[0]) for p in parts])
+    k = looks.index(upto)
+    return sequential.look(mine - ref_means[QUANTITIES[0]][:upto], len(looks), k == len(looks) - 1,
+                           rule.threshold, rule.width)
+
+
+def _effects(d: ScanDir, ref_means: dict, looks: tuple[int, ...], upto: int, n_looks: int) -> dict:
+    parts = [scores.read(d.scores(a, b)) for a, b in zip((0,) + looks, looks) if b <= upto]
+    out = {}
+    for q in QUANTITIES:
+        diffs = np.concatenate([chunk_means(p, q) for p in parts]) - ref_means[q][:upto]
+        mean, lo, hi = sequential.interval(diffs, (1 - sequential.CONFIDENCE) / n_looks)
+        out[q] = Effect(mean, lo, hi)
+    return out
+
+
+def scan_group(inp: Inputs, ref: Side, enc: Side, g: Group, rule: Rule, ref_means: dict, kld_base: Path,
+               say) -> GroupResult:
+    """One group, from where a previous scan of it stopped (its kept rounds) to its verdict."""
+    d = scan_dir(inp, ref.tensors, enc.tensors, g.tensors)
+    d.path.mkdir(parents=True, exist_ok=True)
+    with d.lock:
+        if d.result.exists():
+            kept = read_json(d.result)
+            if kept["rule"] == [list(rule.looks), rule.threshold, rule.width]:
+                return _result(g, kept, d)
+        seconds = 0.0
+        try:
+            for a, b in zip((0,) + rule.looks, rule.looks):
+                if not d.scores(a, b).exists():
+                    say(g, f"chunks {a}..{b - 1}")
+                    seconds += _round(inp, d, ref, enc, g, a, b, kld_base)
+                v = _look(d, ref_means, rule.looks, b, rule)
+                if v.verdict != "more":
+                    break
+        except OrchestrateError as e:
+            raise ToolError(f"scan group {g.name}: {e}", d.path) from None
+        effects = _effects(d, ref_means, rule.looks, v.chunks, len(rule.looks))
+        kept = {"rule": [list(rule.looks), rule.threshold, rule.width], "chunks": v.chunks, "verdict": v.verdict,
+                "effects": {q: asdict(e) for q, e in effects.items()}, "seconds": seconds}
+        write_json(d.result, kept)
+        d.model.unlink(missing_ok=True)
+        return _result(g, kept, d)
+
+
+def _result(g: Group, kept: dict, d: ScanDir) -> GroupResult:
+    return GroupResult(g, kept["chunks"], kept["verdict"], {q: Effect(**e) for q, e in kept["effects"].items()},
+                       kept["seconds"], str(d.path))
+
+
+def run_scan(inp: Inputs, ref: Side, enc: Side, gs: list[Group], rule: Rule, kld_base: Path) -> list[GroupResult]:
+    """Every group in turn (each to its own verdict), saying which round runs."""
+    ref_scores = scores.read(ref.scores)
+    if ref_scores.n_chunk < rule.looks[-1] or "kld" not in ref_scores.arrays:
+        raise OrchestrateError(f"{ref.name}'s scores hold {ref_scores.n_chunk} chunks without KLD; the scan needs "
+                               f"KLD over {rule.looks[-1]}")
+    ref_means = {q: chunk_means(ref_scores, q) for q in QUANTITIES}
+    out = []
+    t0 = time.monotonic()
+    for i, g in enumerate(gs):
+        def say(group, what, i=i):
+            logger.info("scan %d/%d %s: %s (%.0f s so far)", i + 1, len(gs), group.name, what, time.monotonic() - t0)
+        out.append(scan_group(inp, ref, enc, g, rule, ref_means, kld_base, say))
+    return out
