@@ -244,7 +244,10 @@ def test_experiment_files_are_validated(tmp_path):
         with pytest.raises(OrchestrateError):
             experiment.parse_radius(bad)
     cases = {"radius: [1, 9]\n": "radius", "tables: [nosuch]\n": "unknown table", "colour: red\n": "unknown key",
-             "perplexity: {ctx: 4}\n": "ctx", "- a list\n": "mapping"}
+             "perplexity: {ctx: 4}\n": "ctx", "- a list\n": "mapping", "rules: [a]\n": "rules is a mapping",
+             "rules: {x: {type: Q4_0}}\n": "takes type and tensors",
+             "rules: {x: {type: Q4_0, tensors: ['blk.*']}}\n": "needs a pattern and a setting",
+             "rules: {x: {type: Q4_0, radius: 9, tensors: ['a Q4_0_RADIUS=1']}}\n": "radius must be"}
     for text, msg in cases.items():
         p = tmp_path / "e.yaml"
         p.write_text(text)
@@ -295,3 +298,33 @@ def test_quantize_reports_its_tensors_as_it_goes(fork, demo_base, tmp_path):
                  on_tensor=lambda done, total: reports.append((done, total)))
     n = len(gguf.GGUFReader(demo_base).tensors)
     assert reports == [(k, n) for k in range(1, n + 1)]
+
+
+def test_an_experiment_with_per_tensor_rules(fork, tmp_path):
+    """An experiment's `rules:` variant is quantized with its TENSOR rules: each tensor is the one its
+    first matching rule's setting gives (stock where none matches), and the run is cached by them."""
+    import numpy as np
+    from orchestrator.hooks import conf
+    from orchestrator.study import analysis
+    exp = tmp_path / "rules.yaml"
+    exp.write_text("name: rules-demo\ntypes: [Q4_0]\nradius: [2]\nrules:\n  ffn-down-r2:\n    type: Q4_0\n"
+                   "    tensors: ['*ffn_down* Q4_0_RADIUS=2', 'blk.0.* Q4_0_RADIUS=2']\n"
+                   "perplexity: {ctx: 128, chunks: 2}\n")
+    out = tmp_path / "out"
+    res = orchestrate("sweep", "--config", exp, "--keep-models", "--out", out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["variants"]}
+    assert rows["ffn-down-r2"]["status"] == "ok" and rows["ffn-down-r2"]["kind"] == "rules"
+    models = {n: {t.name: np.asarray(t.data).tobytes() for t in
+                  analysis.open_model(Path(rows[n]["run_dir"]) / "model.gguf").tensors}
+              for n in ("q4_0", "q4_0-r2", "ffn-down-r2")}
+    rules = (conf.Rule("*ffn_down*", radius=2), conf.Rule("blk.0.*", radius=2))
+    named = 0
+    for name, data in models["ffn-down-r2"].items():
+        hit = conf.rule_for(rules, name) is not None
+        named += hit
+        assert data == models["q4_0-r2" if hit else "q4_0"][name], name
+    assert named > 30
+    hist = json.loads((out / rows["ffn-down-r2"]["hist"]).read_text())
+    assert [r["pattern"] for r in hist["config"]["rules"]] == ["*ffn_down*", "blk.0.*"]
+    assert rows["ffn-down-r2"]["zero_fraction"] < rows["q4_0-r2"]["zero_fraction"]

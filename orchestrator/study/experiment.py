@@ -13,18 +13,19 @@ from .. import paths
 from ..documents import load_yaml
 from ..errors import OrchestrateError
 from ..files import check_name
-from ..hooks.conf import STOCK, Hooks, Table, table_arg
+from ..hooks.conf import STOCK, Hooks, Table, rule_arg, table_arg
 from ..hooks.tables import FITTED
 
 EXPERIMENT = Hooks(True)  # the experiments' mode with nothing set (a table is fitted in later)
-KEYS = {"name", "description", "types", "tables", "radius", "perplexity"}
+KEYS = {"name", "description", "types", "tables", "radius", "rules", "perplexity"}
+RULE_KEYS = {"type", "radius", "table", "tensors"}
 PPL_KEYS = {"ctx", "chunks"}
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    kind: str                  # base | stock | table | radius
+    kind: str                  # base | stock | table | radius | rules
     qtype: str | None = None   # llama-quantize type; None for the base
     hooks: Hooks = STOCK       # what the hooks do to its values
     fit: str | None = None     # a table fitted to the base at sweep time (balanced-fit, optimal)
@@ -43,10 +44,28 @@ class Variant:
 
     def spec(self) -> dict:
         """Everything about the variant that determines its weights (part of its run key)."""
-        t = self.table
-        return {"name": self.name, "kind": self.kind, "type": self.qtype, "mode": self.hooks.mode,
-                "radius": self.radius,
-                "table": None if t is None else {"name": t.name, "lo": t.lo, "hi": t.hi, "level": t.level}}
+        spec = {"name": self.name, "kind": self.kind, "type": self.qtype, "mode": self.hooks.mode,
+                "radius": self.radius, "table": _table_spec(self.table)}
+        if self.hooks.rules:  # (absent otherwise: the keys of earlier runs stay as they were)
+            spec["default_radius"] = self.hooks.radius
+            spec["rules"] = [{"pattern": r.pattern, "radius": r.radius, "table_set": r.table_set,
+                              "table": _table_spec(r.table)} for r in self.hooks.rules]
+        return spec
+
+
+def _table_spec(t: Table | None) -> dict | None:
+    return None if t is None else {"name": t.name, "lo": t.lo, "hi": t.hi, "level": t.level}
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A variant of per-tensor rules (an experiment's `rules:` entry): a type, the file's own radius and
+    table for the tensors no rule matches, and TENSOR rules in the pablo.conf grammar."""
+    name: str
+    qtype: str
+    radius: int = 0
+    table: str | None = None
+    tensors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,7 @@ class Experiment:
     types: list[str] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     radius: list[int] = field(default_factory=list)
+    rules: list[RuleSet] = field(default_factory=list)
     ctx: int = 512
     chunks: int = 20
     description: str = ""
@@ -70,6 +90,10 @@ class Experiment:
                 t = table_arg(name, self.table_dir)
                 out.append(Variant(f"q8_0-{t.name}", "table", "Q8_0", Hooks(True, table=t)))
         out += [Variant(f"q4_0-r{r}", "radius", "Q4_0", Hooks(True, radius=r)) for r in self.radius]
+        for rs in self.rules:
+            table = table_arg(rs.table, self.table_dir) if rs.table else None
+            rules = tuple(rule_arg(t, self.table_dir) for t in rs.tensors)
+            out.append(Variant(rs.name, "rules", rs.qtype, Hooks(True, rs.radius, table, rules)))
         seen: dict[str, Variant] = {}
         for v in out:
             check_name(v.name, "variant name" + (f" (from the table file {v.table.path})" if v.table else ""))
@@ -140,11 +164,37 @@ def load_experiment(path: Path | None = None) -> Experiment:
                                    + (" >= 16" if key == "ctx" else " >= 0"))
     exp = Experiment(name=check_name(data.get("name") or path.stem, f"{path}: experiment name"),
                      types=[t.upper() for t in str_list("types")],
-                     tables=str_list("tables"), radius=sorted(set(radius)), ctx=ppl.get("ctx", 512),
+                     tables=str_list("tables"), radius=sorted(set(radius)), rules=_rule_sets(path, data.get("rules")),
+                     ctx=ppl.get("ctx", 512),
                      chunks=ppl.get("chunks", 20), description=(data.get("description") or "").strip(),
                      table_dir=path.resolve().parent)
     exp.variants()  # resolves the tables now: a bad name is an error before any work starts
     return exp
+
+
+def _rule_sets(path: Path, data) -> list[RuleSet]:
+    """The experiment's `rules:`: a mapping of variant name to {type, radius, table, tensors}."""
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise OrchestrateError(f"{path}: rules is a mapping of variant names to {{type, radius, table, tensors}}")
+    out = []
+    for name, spec in data.items():
+        where = f"{path}: rules.{name}"
+        if not isinstance(spec, dict) or set(spec) - RULE_KEYS or "type" not in spec or "tensors" not in spec:
+            raise OrchestrateError(f"{where}: takes type and tensors, and optionally radius and table")
+        tensors, radius, table = spec["tensors"], spec.get("radius", 0), spec.get("table")
+        if not isinstance(spec["type"], str):
+            raise OrchestrateError(f"{where}: type must be a quantization type, like Q4_0")
+        if not isinstance(tensors, list) or not tensors or not all(isinstance(t, str) for t in tensors):
+            raise OrchestrateError(f"{where}: tensors must be a list of rules like 'blk.*.ffn_down.weight Q4_0_RADIUS=2'")
+        if not isinstance(radius, int) or isinstance(radius, bool) or not 0 <= radius <= 7:
+            raise OrchestrateError(f"{where}: radius must be an integer 0..7")
+        if table is not None and not isinstance(table, str):
+            raise OrchestrateError(f"{where}: table must be a table name or file")
+        out.append(RuleSet(str(name), spec["type"].upper(), radius, None if table in (None, "off") else table,
+                           tuple(tensors)))
+    return out
 
 
 def override(exp: Experiment, radius: str | None = None, tables: str | None = None, types: str | None = None,
