@@ -408,9 +408,11 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, kee
 @click.option("--chunks", type=click.IntRange(0), default=64, show_default=True,
               help="The most chunks a group is scored on (0 = the whole text).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for llama-* (default: all cores).")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Say what the scan would run (groups, chunks, disk, time); run nothing.")
 @BACKEND
 @LLAMA_ENV
-def scan(radius, table, by, threshold, width, model, text, out, ctx, chunks, threads, backend, llama_env):
+def scan(radius, table, by, threshold, width, model, text, out, ctx, chunks, threads, plan_only, backend, llama_env):
     """Where does an encoding hurt? Apply it to one group of tensors at a time (against stock Q4_0 for a
     radius, stock Q8_0 for a table) and score each group's model against the base, adaptively."""
     from . import driver
@@ -422,6 +424,10 @@ def scan(radius, table, by, threshold, width, model, text, out, ctx, chunks, thr
                      radius=[radius] if radius is not None else [], tables=[table] if table else [],
                      ctx=ctx, chunks=chunks)
     opts = driver.Options(threads=threads, llama_env=_llama_env(llama_env), backend=backend)
+    if plan_only:
+        for line in driver.plan_scan(exp, by, model, text, opts):
+            click.echo(line)
+        return
     out_dir, doc = driver.scan(exp, by, model, text, out, opts, threshold=threshold, width=width)
     top = doc["groups"] and max(doc["groups"], key=lambda g: g["effects"]["kld"]["mean"])
     click.echo(f"{len(doc['groups'])} groups scanned" + (f"; most sensitive: {top['name']}" if top else ""))

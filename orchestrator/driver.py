@@ -27,7 +27,7 @@ from .study.experiment import Experiment, Variant
 from .study.runner import finished_row, kept_model, run_local
 from .study.runs import Inputs, ScoreDir
 from .tools import perplexity, tokenize
-from .tools.quantize import canonical_type, needs_imatrix
+from .tools.quantize import canonical_type, needs_imatrix, tensor_types
 
 logger = logging.getLogger(__name__)
 ALL_LAYERS = 999  # -ngl for "every layer on the GPU"
@@ -271,3 +271,25 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
                              [g.to_dict() for g in found])
         scan_report.write_all(doc, out)
     return out, doc
+
+
+def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, opts: Options = Options()) -> list[str]:
+    """`scan --plan`: the sweep plan of the base, R and E (kept, scored with KLD), then the groups, the most
+    chunks they can take, and the time if every group took them all (the most the scan can cost)."""
+    opts = Options(**{**opts.__dict__, "kld": True, "keep_models": True})
+    lines = plan_sweep(exp, model, text, opts)
+    p = prepare(exp, *_files(model, text), opts, build.current(opts.backend), make_base=False)
+    inp = p.inp
+    if p.upcast:
+        return lines + ["scan: the groups are known once the base's F16 upcast exists (run the scan, or a sweep)"]
+    qtype = p.exp.types[0]
+    tensors = [n for n, t in tensor_types(inp.fork, inp.base.path, qtype).items() if t == qtype.lower()]
+    gs = groups.make_groups(tensors, by)
+    looks = sequential.schedule(p.chunks, align=max(1, BATCH // inp.ctx))
+    params = plan.model_params(inp.base.path)
+    _, per_group = plan.estimate(qtype, inp.base.path.stat().st_size / 2 ** 20, looks[-1] * inp.ctx, params,
+                                 plan.history(inp.cache), None)
+    most = f"~{plan.duration(per_group * len(gs))}" if per_group else "?"
+    return lines + [f"scan: {len(gs)} groups by {by} of the {len(tensors)} {qtype} tensors; looks after "
+                    f"{', '.join(map(str, looks))} chunks; at most {len(gs) * looks[-1]} chunks in all, perplexity "
+                    f"{most} if no group stops early; one group model at a time on disk beside R's and E's"]

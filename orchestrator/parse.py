@@ -114,3 +114,12 @@ def quantize_progress(line: str) -> tuple[int, int] | None:
     """(done, total) from a llama-quantize tensor line, for a progress display."""
     m = re.search(r"\[\s*(\d+)/\s*(\d+)\]", line)
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+_DRY_RUN_TENSOR = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+-.*->.*\((\w+)\)\s*$", re.M)
+
+
+def dry_run_types(text: str) -> dict[str, str]:
+    """llama-quantize --dry-run's output -> the type each quantized tensor would get (lowercase, as it
+    prints them); tensors it would copy are absent."""
+    return {m.group(1): m.group(2) for m in _DRY_RUN_TENSOR.finditer(text)}

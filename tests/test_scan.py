@@ -204,3 +204,13 @@ def test_scan_refuses_what_it_cannot_do(fork, tmp_path):
     assert res.returncode != 0 and "give the encoding to scan" in res.stderr
     res = orchestrate("scan", "--radius", "1", "--by", "row", "--out", tmp_path / "x")
     assert res.returncode == 2 and "row" in res.stderr
+
+
+def test_scan_plan_counts_groups_and_chunks_without_scoring(fork, demo_base, tmp_path):
+    res = orchestrate("scan", "--radius", "1", "--by", "kind", "--ctx", "256", "--chunks", "32", "--plan",
+                      "--out", tmp_path / "x")
+    assert res.returncode == 0, res.stderr
+    line = res.stdout.strip().splitlines()[-1]
+    assert line.startswith("scan: 7 groups by kind of the 210 Q4_0 tensors; looks after 8, 16, 32 chunks; "
+                           "at most 224 chunks in all"), line
+    assert not (tmp_path / "x").exists()

@@ -21,7 +21,7 @@ from .. import paths
 from ..errors import OrchestrateError
 from ..files import check_input_file, check_writable, memoized, read_text, refuse_overwrite
 from ..fork.build import Fork
-from ..parse import parse_quantize, quantize_progress
+from ..parse import dry_run_types, parse_quantize, quantize_progress
 from ..proc import Progress, clean_env, failure_reason, run_logged
 from ..hooks.conf import STOCK, Hooks, write_conf
 
@@ -59,13 +59,22 @@ def needs_imatrix(fork: Fork, base: Path, base_id: str, qtype: str) -> bool:
                     lambda: {"needs_imatrix": _dry_run_needs_imatrix(fork, base, qtype)}, lambda d: d["needs_imatrix"])
 
 
-def _dry_run_needs_imatrix(fork: Fork, base: Path, qtype: str) -> bool:
+def _dry_run(fork: Fork, base: Path, qtype: str) -> str:
     res = subprocess.run([str(fork.binary("llama-quantize")), "--dry-run", str(base), qtype, "1"],
                          capture_output=True, encoding="utf-8", errors="replace", env=clean_env())
     text = res.stdout + res.stderr
     if res.returncode != 0:
         raise OrchestrateError(f"llama-quantize --dry-run {qtype} failed ({failure_reason(text)})")
-    return IMATRIX_NOTE in text
+    return text
+
+
+def _dry_run_needs_imatrix(fork: Fork, base: Path, qtype: str) -> bool:
+    return IMATRIX_NOTE in _dry_run(fork, base, qtype)
+
+
+def tensor_types(fork: Fork, base: Path, qtype: str) -> dict[str, str]:
+    """The type llama-quantize would give each tensor of base quantized to qtype (copied ones absent)."""
+    return dry_run_types(_dry_run(fork, base, qtype))
 
 
 def _clear_stale(out: Path) -> None:
