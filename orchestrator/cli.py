@@ -395,6 +395,10 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, kee
 @click.option("--radius", type=click.IntRange(1, 7), default=None, help="Encoding: this zero radius on Q4_0.")
 @click.option("--table", default=None, help="Encoding: this Q8_0 translation table (a name in conf/tables, "
                                             "balanced-fit, optimal, or a .table file).")
+@click.option("--type", "qtype", default=None,
+              help="Encoding: this llama-quantize type, given to one group of tensors at a time of a --reference model.")
+@click.option("--reference", default=None,
+              help="With --type: the stock type of the rest of the model (default Q8_0).")
 @click.option("--by", type=click.Choice(["kind", "layer", "layer-kind", "tensor"]), default="kind", show_default=True,
               help="How the tensors the encoding changes are grouped; each group is scored alone.")
 @click.option("--threshold", type=float, default=None,
@@ -412,17 +416,27 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, kee
               help="Say what the scan would run (groups, chunks, disk, time); run nothing.")
 @BACKEND
 @LLAMA_ENV
-def scan(radius, table, by, threshold, width, model, text, out, ctx, chunks, threads, plan_only, backend, llama_env):
+def scan(radius, table, qtype, reference, by, threshold, width, model, text, out, ctx, chunks, threads, plan_only,
+         backend, llama_env):
     """Where does an encoding hurt? Apply it to one group of tensors at a time (against stock Q4_0 for a
-    radius, stock Q8_0 for a table) and score each group's model against the base, adaptively."""
+    radius, stock Q8_0 for a table, --reference for a type) and score each group's model against the base,
+    adaptively."""
     from . import driver
     from .study.experiment import Experiment
-    if (radius is None) == (table is None):
-        raise OrchestrateError("give the encoding to scan: --radius N or --table NAME")
-    name = f"scan-r{radius}" if radius is not None else f"scan-{Path(table).stem}"
-    exp = Experiment(name, types=["Q4_0" if radius is not None else "Q8_0"],
-                     radius=[radius] if radius is not None else [], tables=[table] if table else [],
-                     ctx=ctx, chunks=chunks)
+    if sum(x is not None for x in (radius, table, qtype)) != 1:
+        raise OrchestrateError("give the encoding to scan: --radius N, --table NAME or --type TYPE")
+    if reference is not None and qtype is None:
+        raise OrchestrateError("--reference is for a --type scan (a radius is scanned on Q4_0, a table on Q8_0)")
+    if qtype is not None:
+        reference = reference or "Q8_0"
+        if reference.upper() == qtype.upper():
+            raise OrchestrateError(f"--type {qtype} is the reference itself: nothing to scan")
+        exp = Experiment(f"scan-{qtype.lower()}", types=[reference.upper(), qtype.upper()], ctx=ctx, chunks=chunks)
+    else:
+        name = f"scan-r{radius}" if radius is not None else f"scan-{Path(table).stem}"
+        exp = Experiment(name, types=["Q4_0" if radius is not None else "Q8_0"],
+                         radius=[radius] if radius is not None else [], tables=[table] if table else [],
+                         ctx=ctx, chunks=chunks)
     opts = driver.Options(threads=threads, llama_env=_llama_env(llama_env), backend=backend)
     if plan_only:
         for line in driver.plan_scan(exp, by, model, text, opts):

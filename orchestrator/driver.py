@@ -27,7 +27,7 @@ from .study.experiment import Experiment, Variant
 from .study.runner import finished_row, kept_model, run_local
 from .study.runs import Inputs, ScoreDir
 from .tools import perplexity, tokenize
-from .tools.quantize import canonical_type, needs_imatrix, tensor_types
+from .tools.quantize import canonical_type, needs_imatrix, planned_types
 
 logger = logging.getLogger(__name__)
 ALL_LAYERS = 999  # -ngl for "every layer on the GPU"
@@ -253,7 +253,7 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
         sides = []
         for v, r in ((variants[1], ref), (variants[2], enc)):
             run = kept_model(inp, v, display.step)
-            sides.append(scan_mod.Side(r.name, run.model, run.hist, r.tensor_key, Path(r.scores_file)))
+            sides.append(scan_mod.Side(r.name, run.model, v.qtype, r.tensor_key, Path(r.scores_file)))
         changed = groups.changed_tensors(sides[0].model, sides[1].model)
         if not changed:
             raise OrchestrateError(f"{enc.name} changes no tensor of {ref.name}: there is nothing to scan")
@@ -282,14 +282,18 @@ def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, o
     inp = p.inp
     if p.upcast:
         return lines + ["scan: the groups are known once the base's F16 upcast exists (run the scan, or a sweep)"]
-    qtype = p.exp.types[0]
-    tensors = [n for n, t in tensor_types(inp.fork, inp.base.path, qtype).items() if t == qtype.lower()]
+    ref = planned_types(inp.fork, inp.base.path, p.exp.types[0])
+    if len(p.exp.types) == 2:  # a type scan: the tensors whose type E changes
+        enc = planned_types(inp.fork, inp.base.path, p.exp.types[1])
+        tensors, what = [n for n in ref if enc.get(n, ref[n]) != ref[n]], f"tensors {p.exp.types[1]} changes"
+    else:  # a radius or table: the tensors of the type it is applied to
+        tensors, what = [n for n, t in ref.items() if t == p.exp.types[0].lower()], f"{p.exp.types[0]} tensors"
     gs = groups.make_groups(tensors, by)
     looks = sequential.schedule(p.chunks, align=max(1, BATCH // inp.ctx))
     params = plan.model_params(inp.base.path)
-    _, per_group = plan.estimate(qtype, inp.base.path.stat().st_size / 2 ** 20, looks[-1] * inp.ctx, params,
+    _, per_group = plan.estimate(p.exp.types[-1], inp.base.path.stat().st_size / 2 ** 20, looks[-1] * inp.ctx, params,
                                  plan.history(inp.cache), None)
     most = f"~{plan.duration(per_group * len(gs))}" if per_group else "?"
-    return lines + [f"scan: {len(gs)} groups by {by} of the {len(tensors)} {qtype} tensors; looks after "
+    return lines + [f"scan: {len(gs)} groups by {by} of the {len(tensors)} {what}; looks after "
                     f"{', '.join(map(str, looks))} chunks; at most {len(gs) * looks[-1]} chunks in all, perplexity "
                     f"{most} if no group stops early; one group model at a time on disk beside R's and E's"]

@@ -214,3 +214,34 @@ def test_scan_plan_counts_groups_and_chunks_without_scoring(fork, demo_base, tmp
     assert line.startswith("scan: 7 groups by kind of the 210 Q4_0 tensors; looks after 8, 16, 32 chunks; "
                            "at most 224 chunks in all"), line
     assert not (tmp_path / "x").exists()
+
+
+def test_a_type_file_gives_exactly_the_groups_tensors_their_type(fork, demo_base, q, tmp_path):
+    """A type scan's group model: the reference type, with the group's tensors given E's type through
+    llama-quantize's --tensor-type-file (patterns that match one whole name each)."""
+    from orchestrator.tools.quantize import run_quantize
+    ref, _ = q("simple-hist-Q8_0", "Q8_0")
+    ref_types = groups.tensor_types(ref)
+    g = next(g for g in groups.make_groups([n for n, t in ref_types.items() if t == "q8_0"], "layer-kind")
+             if g.name == "blk.1.attn_q")
+    f = groups.type_file(g.tensors, {t: "q4_0" for t in g.tensors}, tmp_path / "types.txt")
+    out = tmp_path / "g.gguf"
+    run_quantize(fork, demo_base, out, "Q8_0", extra=["--tensor-type-file", str(f)], progress=False)
+    got = groups.tensor_types(out)
+    assert {n for n in got if got[n] != ref_types[n]} == {"blk.1.attn_q.weight"}  # not blk.11, blk.12, ...
+    assert got["blk.1.attn_q.weight"] == "q4_0"
+
+
+def test_type_scan_by_kind_on_the_demo(fork, tmp_path):
+    out = tmp_path / "type-scan"
+    res = orchestrate("scan", "--type", "Q4_0", "--reference", "Q8_0", "--by", "kind", "--ctx", "256",
+                      "--chunks", "8", "--out", out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads((out / "scan.json").read_text())
+    assert {g["name"] for g in doc["groups"]} == {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                                                  "ffn_up", "ffn_down"}
+    assert doc["reference"]["name"] == "q8_0" and doc["encoding"]["name"] == "q4_0"
+    assert all(g["effects"]["kld"]["mean"] > 0 for g in doc["groups"])  # 4 bits hurt more than 8, every kind
+    _check_figure(out / "scan_heatmap.png")
+    res = orchestrate("scan", "--type", "Q8_0", "--out", tmp_path / "y")
+    assert res.returncode == 1 and "is the reference itself" in res.stderr

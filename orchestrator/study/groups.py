@@ -1,10 +1,12 @@
-"""Groups of tensors for a sensitivity scan, and a group's model assembled without quantizing again.
+"""Groups of tensors for a sensitivity scan, and how a group's model is made.
 
 A scan asks what an encoding E does when applied to one group of tensors only, against a reference
 R (the stock type E is built on). When E keeps every tensor's type (a radius, a table), the model
 "R with E on group g" is R's file with g's tensor data taken from E's file: both come from one base
 with the same types, so they have the same header and layout, and each tensor's bytes are what
 quantizing the base with E's setting as a per-tensor rule for g gives (tests check that equality).
+When E is another type, a group's model is quantized: R's type with llama-quantize's own
+--tensor-type-file giving g's tensors the types they have in E's file.
 """
 
 import hashlib
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OrchestrateError
-from ..files import write_json
+from ..files import write_atomic, write_json
 from ..hooks.conf import PATTERN_MAX
 from . import analysis
 
@@ -86,8 +88,27 @@ def check_same_layout(ref: Path, enc: Path) -> dict[str, tuple[int, int]]:
     return la
 
 
+def tensor_types(path: Path) -> dict[str, str]:
+    """Each tensor's type, lowercase as llama-quantize spells it, in file order."""
+    return {t.name: t.tensor_type.name.lower() for t in analysis.open_model(path).tensors}
+
+
+def same_layout(ref: Path, enc: Path) -> bool:
+    try:
+        check_same_layout(ref, enc)
+        return True
+    except OrchestrateError:
+        return False
+
+
 def changed_tensors(ref: Path, enc: Path) -> list[str]:
-    """Names of the tensors whose bytes differ between the two files (same layout), in file order."""
+    """Names of the tensors E changes, in file order: whose bytes differ (same layout), or whose type
+    differs (E another type)."""
+    if not same_layout(ref, enc):
+        a, b = tensor_types(ref), tensor_types(enc)
+        if a.keys() != b.keys():
+            raise OrchestrateError(f"{enc.name} and {ref.name} do not hold the same tensors")
+        return [n for n in a if a[n] != b[n]]
     layout = check_same_layout(ref, enc)
     out = []
     with open(ref, "rb") as fa, open(enc, "rb") as fb:
@@ -163,4 +184,14 @@ def assemble_hist(ref_hist: Path, enc_hist: Path, tensors: tuple[str, ...], out:
     doc = {**enc, "config": {**enc["config"], "assembled": {"reference": ref["config"], "tensors": sorted(take)}},
            "model": model, "tensors": entries}
     write_json(out, doc)
+    return out
+
+
+def type_file(tensors: tuple[str, ...], types: dict[str, str], out: Path) -> Path:
+    """llama-quantize's --tensor-type-file giving each of the tensors its type in `types` (patterns that
+    match that whole name only: llama-quantize searches them as regular expressions)."""
+    lines = [f"^{re.escape(t)}$={types[t]}" for t in tensors]
+    if any(c.isspace() for line in lines for c in line):
+        raise OrchestrateError("a tensor name with a space cannot be given to --tensor-type-file")
+    write_atomic(out, "\n".join(lines) + "\n")
     return out

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import OrchestrateError, ToolError
 from ..files import read_json, write_json
 from ..tools import perplexity
+from ..tools.quantize import run_quantize
 from . import groups, scores, sequential
 from .groups import Group
 from .runs import Inputs, ScanDir, scan_dir
@@ -28,10 +29,10 @@ QUANTITIES = ("kld", "nll")   # the first decides when to stop
 
 @dataclass(frozen=True)
 class Side:
-    """R or E: its model, histograms, tensor key and per-token scores over all the scan's chunks."""
+    """R or E: its model, llama-quantize type, tensor key and per-token scores over all the scan's chunks."""
     name: str
     model: Path
-    hist: Path
+    qtype: str
     tensors: str
     scores: Path
 
@@ -70,10 +71,20 @@ def chunk_means(s: scores.Scores, quantity: str) -> np.ndarray:
     return s.arrays[quantity].astype(np.float64).mean(axis=1)
 
 
-def _round(inp: Inputs, d: ScanDir, ref: Side, enc: Side, g: Group, a: int, b: int, kld_base: Path) -> float:
-    """Score chunks a..b-1 of the group's model (assembling it first if needed); llama seconds."""
-    if not d.model.exists():
+def _make_model(inp: Inputs, d: ScanDir, ref: Side, enc: Side, g: Group) -> None:
+    """R with E on g: assembled from their files (same layout), or quantized with g's types from E's."""
+    if groups.same_layout(ref.model, enc.model):
         groups.assemble(ref.model, enc.model, g.tensors, d.model)
+        return
+    types = groups.type_file(g.tensors, groups.tensor_types(enc.model), d.path / "tensor-types.txt")
+    run_quantize(inp.fork, inp.base.path, d.model, ref.qtype, threads=inp.threads, progress=False,
+                 extra=["--tensor-type-file", str(types)], env=inp.llama_env, log_path=d.path / "quantize.log")
+
+
+def _round(inp: Inputs, d: ScanDir, ref: Side, enc: Side, g: Group, a: int, b: int, kld_base: Path) -> float:
+    """Score chunks a..b-1 of the group's model (making it first if needed); llama seconds."""
+    if not d.model.exists():
+        _make_model(inp, d, ref, enc, g)
     res = perplexity.run(inp.fork, d.model, inp.scoring, d.log(a, b), d.scores(a, b),
                          {**inp.llama_env, "PABLO_CHUNKS": f"{a}:{b}"}, kld_base=kld_base)
     return float(res["seconds"])

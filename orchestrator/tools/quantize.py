@@ -72,7 +72,7 @@ def _dry_run_needs_imatrix(fork: Fork, base: Path, qtype: str) -> bool:
     return IMATRIX_NOTE in _dry_run(fork, base, qtype)
 
 
-def tensor_types(fork: Fork, base: Path, qtype: str) -> dict[str, str]:
+def planned_types(fork: Fork, base: Path, qtype: str) -> dict[str, str]:
     """The type llama-quantize would give each tensor of base quantized to qtype (copied ones absent)."""
     return dry_run_types(_dry_run(fork, base, qtype))
 
