@@ -15,31 +15,23 @@ from orchestrator.study import groups
 TABLES = Path(__file__).resolve().parent.parent / "conf" / "tables"
 
 
-def _without_rule(entries):
-    return [{k: v for k, v in e.items() if k != "rule"} for e in entries]
-
-
 @pytest.mark.parametrize("qtype, hooks, by, pick", [
     ("Q4_0", Hooks(True, radius=1), "layer", "blk.1"),
     ("Q8_0", Hooks(True, table=conf.load_table(TABLES / "balanced.table")), "kind", "attn_q"),
 ])
 def test_a_groups_assembled_model_is_what_its_rules_quantize(q, tmp_path, qtype, hooks, by, pick):
     """R's file with group g's tensors taken from E's file is byte for byte the base quantized with E's
-    setting as a rule for g's tensors; its histograms are the ones that quantization writes."""
+    setting as a rule for g's tensors."""
     ref, ref_h = q(f"simple-hist-{qtype}", qtype)
-    enc, enc_h = q(f"enc-{qtype}", qtype, hooks=hooks)
+    enc, _ = q(f"enc-{qtype}", qtype, hooks=hooks)
     changed = groups.changed_tensors(ref, enc)
     assert changed and len(changed) < len(json.loads(Path(ref_h).read_text())["tensors"])
     g = next(g for g in groups.make_groups(changed, by) if g.name == pick)
     model = groups.assemble(ref, enc, g.tensors, tmp_path / "g.gguf")
-    hist = groups.assemble_hist(ref_h, enc_h, g.tensors, tmp_path / "g.json")
     setting = {"radius": hooks.radius} if hooks.table is None else {"table_set": True, "table": hooks.table}
     rules = tuple(conf.Rule(groups.rule_pattern(t), **setting) for t in g.tensors)
-    ruled, ruled_h = q(f"rules-{pick}", qtype, hooks=Hooks(True, rules=rules))
+    ruled, _ = q(f"rules-{pick}", qtype, hooks=Hooks(True, rules=rules))
     assert filecmp.cmp(model, ruled, shallow=False)
-    a, b = json.loads(hist.read_text()), json.loads(Path(ruled_h).read_text())
-    assert _without_rule(a["tensors"]) == _without_rule(b["tensors"])
-    assert a["model"] == b["model"]
     assert not list(tmp_path.glob(".*partial"))
 
 

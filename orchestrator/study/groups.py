@@ -10,7 +10,6 @@ When E is another type, a group's model is quantized: R's type with llama-quanti
 """
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OrchestrateError
-from ..files import write_atomic, write_json
+from ..files import write_atomic
 from ..hooks.conf import PATTERN_MAX
 from . import analysis
 
@@ -158,32 +157,6 @@ def assemble(ref: Path, enc: Path, tensors: tuple[str, ...], out: Path) -> Path:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return out
-
-
-def assemble_hist(ref_hist: Path, enc_hist: Path, tensors: tuple[str, ...], out: Path) -> Path:
-    """The hooks' histograms of the assembled model: each tensor's entry from the file it came from,
-    and the model totals summed again from them (what quantizing with the rules would have written)."""
-    ref, enc = (json.loads(Path(p).read_text()) for p in (ref_hist, enc_hist))
-    from_enc = {e["name"]: e for e in enc["tensors"]}
-    take = set(tensors)
-    entries = [from_enc[e["name"]] if e["name"] in take else e for e in ref["tensors"]]
-    hooked = [e for e in entries if e.get("hooked")]
-    by_value = {e["type"] for e in hooked if e["bins"] == "value"}
-    model: dict[str, dict] = {}
-    for e in hooked:  # keyed as the fork keys them: "q8_0 codes" only beside a "q8_0" by value
-        key = f"{e['type']} codes" if e["bins"] == "code" and e["type"] in by_value else e["type"]
-        m = model.setdefault(key, {"tensors": 0, "bins": e["bins"], "bin_min": e["bin_min"], "elements": 0,
-                                   "values": [0] * len(e["values"]), "zero_runs": [0] * len(e["zero_runs"]),
-                                   "long_run_pieces": 0})
-        m["tensors"] += 1
-        m["elements"] += e["elements"]
-        m["values"] = [a + b for a, b in zip(m["values"], e["values"])]
-        m["zero_runs"] = [a + b for a, b in zip(m["zero_runs"], e["zero_runs"])]
-        m["long_run_pieces"] += e["long_run_pieces"]
-    doc = {**enc, "config": {**enc["config"], "assembled": {"reference": ref["config"], "tensors": sorted(take)}},
-           "model": model, "tensors": entries}
-    write_json(out, doc)
     return out
 
 

@@ -75,14 +75,3 @@ def look(diffs: np.ndarray, n_looks: int, last: bool, threshold: float | None = 
     elif last:  # the most chunks: the threshold not decided, or the width not reached
         verdict = "undecided" if threshold is not None else "all chunks"
     return Look(len(diffs), mean, lo, hi, verdict)
-
-
-def run(diffs: np.ndarray, looks: list[int], threshold: float | None = None, width: float | None = None,
-        confidence: float = CONFIDENCE) -> Look:
-    """The rule applied to a whole sequence of per-chunk differences (what the scan does round by round):
-    the look where it stops."""
-    for k, n in enumerate(looks):
-        v = look(diffs[:n], len(looks), k == len(looks) - 1, threshold, width, confidence)
-        if v.verdict != "more":
-            return v
-    raise AssertionError("the last look always stops")
