@@ -300,31 +300,34 @@ def test_quantize_reports_its_tensors_as_it_goes(fork, demo_base, tmp_path):
     assert reports == [(k, n) for k in range(1, n + 1)]
 
 
-def test_an_experiment_with_per_tensor_rules(fork, tmp_path):
+def test_an_experiment_with_per_tensor_rules(q, tmp_path):
     """An experiment's `rules:` variant is quantized with its TENSOR rules: each tensor is the one its
     first matching rule's setting gives (stock where none matches), and the run is cached by them."""
     import numpy as np
     from orchestrator.hooks import conf
+    from orchestrator.hooks.conf import Hooks
     from orchestrator.study import analysis
     exp = tmp_path / "rules.yaml"
-    exp.write_text("name: rules-demo\ntypes: [Q4_0]\nradius: [2]\nrules:\n  ffn-down-r2:\n    type: Q4_0\n"
+    exp.write_text("name: rules-demo\nrules:\n  ffn-down-r2:\n    type: Q4_0\n"
                    "    tensors: ['*ffn_down* Q4_0_RADIUS=2', 'blk.0.* Q4_0_RADIUS=2']\n"
                    "perplexity: {ctx: 128, chunks: 2}\n")
     out = tmp_path / "out"
     res = orchestrate("sweep", "--config", exp, "--keep-models", "--out", out)
     assert res.returncode == 0, res.stdout + res.stderr
-    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["variants"]}
-    assert rows["ffn-down-r2"]["status"] == "ok" and rows["ffn-down-r2"]["kind"] == "rules"
-    models = {n: {t.name: np.asarray(t.data).tobytes() for t in
-                  analysis.open_model(Path(rows[n]["run_dir"]) / "model.gguf").tensors}
-              for n in ("q4_0", "q4_0-r2", "ffn-down-r2")}
+    row = next(r for r in json.loads((out / "results.json").read_text())["variants"] if r["name"] == "ffn-down-r2")
+    assert row["status"] == "ok" and row["kind"] == "rules"
+
+    def tensors(path):
+        return {t.name: np.asarray(t.data).tobytes() for t in analysis.open_model(path).tensors}
+    stock, r2 = (tensors(q(n, "Q4_0", hooks=h)[0]) for n, h in (("simple-hist-Q4_0", Hooks()),
+                                                                 ("r2-global", Hooks(True, radius=2))))
     rules = (conf.Rule("*ffn_down*", radius=2), conf.Rule("blk.0.*", radius=2))
     named = 0
-    for name, data in models["ffn-down-r2"].items():
+    for name, data in tensors(Path(row["run_dir"]) / "model.gguf").items():
         hit = conf.rule_for(rules, name) is not None
         named += hit
-        assert data == models["q4_0-r2" if hit else "q4_0"][name], name
+        assert data == (r2 if hit else stock)[name], name
     assert named > 30
-    hist = json.loads((out / rows["ffn-down-r2"]["hist"]).read_text())
+    hist = json.loads((out / row["hist"]).read_text())
     assert [r["pattern"] for r in hist["config"]["rules"]] == ["*ffn_down*", "blk.0.*"]
-    assert rows["ffn-down-r2"]["zero_fraction"] < rows["q4_0-r2"]["zero_fraction"]
+    assert 0 < row["zero_fraction"]

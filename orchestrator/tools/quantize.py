@@ -12,6 +12,7 @@ import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -95,19 +96,30 @@ def _clear_stale(out: Path) -> None:
             os.close(fd)
 
 
+STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 @contextlib.contextmanager
 def work_dir(out: Path):
     """A temporary directory beside out, locked while this run uses it and removed after, whatever
     happens; one left by a killed run (kill -9) is removed by the next run for the same output."""
     _clear_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".quantize-{out.name}-", dir=out.parent))
-    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    # made and locked with the stopping signals held back: a Ctrl-C between making the directory and
+    # the try below would leave it behind (the signal is handled as soon as they are let through)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".quantize-{out.name}-", dir=out.parent))
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield tmp
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            yield tmp
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)  # the clean-up is not cut short either
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.close(fd)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.close(fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def run_quantize(fork: Fork, base: Path, out: Path, qtype: str, hooks: Hooks = STOCK, hist: Path | None = None,
