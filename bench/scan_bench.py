@@ -6,7 +6,7 @@ prints:
 - llama-* seconds of the scan / llama-* seconds of the default sweep (goal <= 2.0);
 - chunks the scan scored / chunks a fixed schedule (every group on every chunk) would score (goal <= 0.5);
 - seconds to assemble one group's model / seconds to quantize it with llama-quantize and its rules.
-Settings: BENCH_SCAN_ARGS (default: --radius 1 --by layer-kind --threshold 0.02 --ctx 512 --chunks 32).
+Settings: BENCH_SCAN_ARGS (default: --radius 1 --by layer-kind --threshold 0.05 --ctx 128 --chunks 64).
 """
 
 import json
@@ -25,7 +25,7 @@ from orchestrator.hooks import conf  # noqa: E402
 from orchestrator.study import groups  # noqa: E402
 
 ARGS = shlex.split(os.environ.get("BENCH_SCAN_ARGS",
-                                  "--radius 1 --by layer-kind --threshold 0.02 --ctx 512 --chunks 32"))
+                                  "--radius 1 --by layer-kind --threshold 0.05 --ctx 128 --chunks 64"))
 
 
 def run(args, env) -> None:
