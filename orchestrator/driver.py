@@ -10,7 +10,7 @@ import functools
 import gc
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import paths, results, scans
@@ -229,6 +229,12 @@ def redraw(out: Path, damage_variant: str | None = None) -> list[tuple[str, str]
     return report.redraw(out, damage_variant)
 
 
+def _looks(p: Prepared) -> tuple[int, ...]:
+    """A scan's looks, each a whole number of llama-perplexity's batches of chunks (a window then scores
+    what a full run scores: patch 0007)."""
+    return tuple(sequential.schedule(p.chunks, align=max(1, BATCH // p.inp.ctx)))
+
+
 def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: Path | None, opts: Options = Options(),
          threshold: float | None = None, width: float | None = None) -> tuple[Path, dict]:
     """`orchestrate scan`: exp holds the reference (a stock type) and the encoding (a radius or a table
@@ -238,7 +244,7 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{by}-{model.stem}"
     with results.locked(out):
         fork = build.build(quiet=False, backend=opts.backend)
-        p = prepare(exp, model, text, Options(**{**opts.__dict__, "kld": True}), fork, make_base=True)
+        p = prepare(exp, model, text, replace(opts, kld=True), fork, make_base=True)
         _check_imatrix(p)
         inp = p.inp
         variants, unfit = with_tables(p.exp, inp, out)
@@ -258,7 +264,7 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
         if not changed:
             raise OrchestrateError(f"{enc.name} changes no tensor of {ref.name}: there is nothing to scan")
         gs = groups.make_groups(changed, by)
-        rule = scan_mod.Rule(tuple(sequential.schedule(p.chunks, align=max(1, BATCH // inp.ctx))), threshold, width)
+        rule = scan_mod.Rule(_looks(p), threshold, width)
         logger.info("scan: %d group%s by %s, looks after %s chunks", len(gs), "s" * (len(gs) != 1), by,
                     ", ".join(map(str, rule.looks)))
         logits = ScoreDir(Path(base.score_dir)).logits
@@ -276,7 +282,7 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
 def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, opts: Options = Options()) -> list[str]:
     """`scan --plan`: the sweep plan of the base, R and E (kept, scored with KLD), then the groups, the most
     chunks they can take, and the time if every group took them all (the most the scan can cost)."""
-    opts = Options(**{**opts.__dict__, "kld": True, "keep_models": True})
+    opts = replace(opts, kld=True, keep_models=True)
     lines = plan_sweep(exp, model, text, opts)
     p = prepare(exp, *_files(model, text), opts, build.current(opts.backend), make_base=False)
     inp = p.inp
@@ -289,7 +295,7 @@ def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, o
     else:  # a radius or table: the tensors of the type it is applied to
         tensors, what = [n for n, t in ref.items() if t == p.exp.types[0].lower()], f"{p.exp.types[0]} tensors"
     gs = groups.make_groups(tensors, by)
-    looks = sequential.schedule(p.chunks, align=max(1, BATCH // inp.ctx))
+    looks = _looks(p)
     params = plan.model_params(inp.base.path)
     _, per_group = plan.estimate(p.exp.types[-1], inp.base.path.stat().st_size / 2 ** 20, looks[-1] * inp.ctx, params,
                                  plan.history(inp.cache), None)

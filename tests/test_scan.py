@@ -3,14 +3,18 @@ scan on the demo (real llama-quantize and llama-perplexity runs)."""
 
 import filecmp
 import json
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from conftest import orchestrate
 from orchestrator.errors import OrchestrateError
 from orchestrator.hooks import conf
 from orchestrator.hooks.conf import Hooks
-from orchestrator.study import groups
+from orchestrator.proc import clean_env
+from orchestrator.study import groups, scores
 
 TABLES = Path(__file__).resolve().parent.parent / "conf" / "tables"
 
@@ -59,15 +63,6 @@ def test_groups_by_kind_layer_and_tensor():
 
 
 # ---- llama-perplexity's window (patch 0007) and the scan on the demo --------------------------
-
-import subprocess  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from conftest import orchestrate  # noqa: E402
-from orchestrator.proc import clean_env  # noqa: E402
-from orchestrator.study import scores  # noqa: E402
-
 
 def _perplexity(fork, model, text, out, chunks_env=None, extra=()):
     env = {**clean_env(), "PABLO_SCORES": str(out), **({"PABLO_CHUNKS": chunks_env} if chunks_env else {})}

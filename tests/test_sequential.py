@@ -85,3 +85,21 @@ def test_schedule():
     assert sequential.schedule(5, first=8) == [5]
     looks = sequential.schedule(100, first=8, align=4)
     assert all(n % 4 == 0 for n in looks[:-1]) and looks == sorted(set(looks)) and looks[-1] == 100
+
+
+def test_the_other_quantitys_interval_at_the_stopping_look_covers_at_95():
+    """The scan stops on KLD and reports NLL's interval at the same look, at the same alpha / K level: by
+    the same union bound it covers too. Here NLL's differences are correlated with KLD's (the stopping
+    depends on them) and have a true mean of 0.01."""
+    rng = np.random.default_rng(3)
+    looks = sequential.schedule(64, first=8)
+    kld = kld_like_chunks(rng, REPS, 64, 0.02)
+    nll = 0.01 + 0.8 * (kld - 0.02) + 0.02 * rng.standard_normal(kld.shape)
+    hits = 0
+    for a, b in zip(kld, nll):
+        v = run(a, looks, 0.0)
+        _, lo, hi = sequential.interval(b[:v.chunks], 0.05 / len(looks))
+        hits += lo <= 0.01 <= hi
+    cov = hits / REPS
+    print(f"NLL interval at KLD's stopping look: coverage {cov:.4f}")
+    assert cov >= 0.95 - 3 * np.sqrt(0.95 * 0.05 / REPS), cov

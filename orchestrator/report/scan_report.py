@@ -11,9 +11,14 @@ from .plots import _save, plt
 
 
 def _place(g, by: str) -> tuple[str, str]:
-    """A group's row (its layer, or "other") and column (its kind) in the heat-map."""
-    row = "all layers" if by == "kind" else f"blk.{g['layer']}" if g["layer"] is not None else \
-        g["name"] if by == "layer" else "other"
+    """A group's row (its layer; a tensor outside the blocks: "other", or its own row by layer) and
+    column (its kind) in the heat-map."""
+    if by == "kind":
+        row = "all layers"
+    elif g["layer"] is not None:
+        row = f"blk.{g['layer']}"
+    else:
+        row = g["name"] if by == "layer" else "other"
     return row, "all kinds" if by == "layer" else g["kind"]
 
 

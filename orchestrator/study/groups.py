@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import stream
 from ..errors import OrchestrateError
 from ..files import write_atomic
 from ..hooks.conf import PATTERN_MAX
@@ -76,15 +77,23 @@ def _header(path: Path, data_offset: int) -> bytes:
         return f.read(data_offset)
 
 
-def check_same_layout(ref: Path, enc: Path) -> dict[str, tuple[int, int]]:
+def shared_layout(ref: Path, enc: Path) -> dict[str, tuple[int, int]] | None:
     """The tensors' (offset, bytes) when ref and enc have the same header (metadata, tensor names,
-    types, shapes, offsets), else a clear error."""
+    types, shapes, offsets), else None."""
     a, la = _layout(ref)
     b, lb = _layout(enc)
-    if a.data_offset != b.data_offset or la != lb or _header(ref, a.data_offset) != _header(enc, b.data_offset):
-        raise OrchestrateError(f"{enc.name} and {ref.name} do not have the same layout (tensor types, shapes or "
-                               "metadata differ): a group's model cannot be assembled from them")
-    return la
+    same = a.data_offset == b.data_offset and la == lb and _header(ref, a.data_offset) == _header(enc, b.data_offset)
+    return la if same else None
+
+
+def _digest(path: Path, offset: int, n: int) -> bytes:
+    h = hashlib.sha256()
+    try:
+        for block in stream.read_span(path, offset, n):
+            h.update(block)
+    except EOFError as e:
+        raise OrchestrateError(str(e)) from None
+    return h.digest()
 
 
 def tensor_types(path: Path) -> dict[str, str]:
@@ -92,36 +101,16 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name.lower() for t in analysis.open_model(path).tensors}
 
 
-def same_layout(ref: Path, enc: Path) -> bool:
-    try:
-        check_same_layout(ref, enc)
-        return True
-    except OrchestrateError:
-        return False
-
-
 def changed_tensors(ref: Path, enc: Path) -> list[str]:
     """Names of the tensors E changes, in file order: whose bytes differ (same layout), or whose type
     differs (E another type)."""
-    if not same_layout(ref, enc):
+    layout = shared_layout(ref, enc)
+    if layout is None:
         a, b = tensor_types(ref), tensor_types(enc)
         if a.keys() != b.keys():
             raise OrchestrateError(f"{enc.name} and {ref.name} do not hold the same tensors")
         return [n for n in a if a[n] != b[n]]
-    layout = check_same_layout(ref, enc)
-    out = []
-    with open(ref, "rb") as fa, open(enc, "rb") as fb:
-        for name, (offset, n) in layout.items():
-            fa.seek(offset), fb.seek(offset)
-            ha, hb = hashlib.sha256(), hashlib.sha256()
-            left = n
-            while left:
-                k = min(left, 16 << 20)
-                ha.update(fa.read(k)), hb.update(fb.read(k))
-                left -= k
-            if ha.digest() != hb.digest():
-                out.append(name)
-    return out
+    return [name for name, span in layout.items() if _digest(ref, *span) != _digest(enc, *span)]
 
 
 def rule_pattern(tensor: str) -> str:
@@ -133,7 +122,10 @@ def rule_pattern(tensor: str) -> str:
 
 def assemble(ref: Path, enc: Path, tensors: tuple[str, ...], out: Path) -> Path:
     """ref's file with the named tensors' data taken from enc, written atomically to out."""
-    layout = check_same_layout(ref, enc)
+    layout = shared_layout(ref, enc)
+    if layout is None:
+        raise OrchestrateError(f"{enc.name} and {ref.name} do not have the same layout (tensor types, shapes or "
+                               "metadata differ): a group's model cannot be assembled from them")
     missing = [t for t in tensors if t not in layout]
     if missing:
         raise OrchestrateError(f"{ref.name} has no tensor {missing[0]}")
@@ -141,17 +133,15 @@ def assemble(ref: Path, enc: Path, tensors: tuple[str, ...], out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.partial")
     try:
         shutil.copyfile(ref, tmp)
-        with open(enc, "rb") as src, open(tmp, "r+b") as dst:
+        with open(tmp, "r+b") as dst:
             for t in tensors:
                 offset, n = layout[t]
-                src.seek(offset), dst.seek(offset)
-                left = n
-                while left:
-                    chunk = src.read(min(left, 16 << 20))
-                    if not chunk:
-                        raise OrchestrateError(f"{enc.name} ends inside tensor {t}")
-                    dst.write(chunk)
-                    left -= len(chunk)
+                dst.seek(offset)
+                try:
+                    for block in stream.read_span(enc, offset, n):
+                        dst.write(block)
+                except EOFError as e:
+                    raise OrchestrateError(str(e)) from None
             dst.flush()
             os.fsync(dst.fileno())
         os.replace(tmp, out)

@@ -73,7 +73,7 @@ def chunk_means(s: scores.Scores, quantity: str) -> np.ndarray:
 
 def _make_model(inp: Inputs, d: ScanDir, ref: Side, enc: Side, g: Group) -> None:
     """R with E on g: assembled from their files (same layout), or quantized with g's types from E's."""
-    if groups.same_layout(ref.model, enc.model):
+    if groups.shared_layout(ref.model, enc.model) is not None:
         groups.assemble(ref.model, enc.model, g.tensors, d.model)
         return
     types = groups.type_file(g.tensors, groups.tensor_types(enc.model), d.path / "tensor-types.txt")
@@ -90,22 +90,10 @@ def _round(inp: Inputs, d: ScanDir, ref: Side, enc: Side, g: Group, a: int, b: i
     return float(res["seconds"])
 
 
-def _look(d: ScanDir, ref_means: dict, looks: tuple[int, ...], upto: int, rule: Rule) -> sequential.Look:
+def _diffs(d: ScanDir, ref_means: dict, looks: tuple[int, ...], upto: int) -> dict[str, np.ndarray]:
+    """Per quantity, the group's per-chunk mean minus R's, over the rounds scored up to chunk `upto`."""
     parts = [scores.read(d.scores(a, b)) for a, b in zip((0,) + looks, looks) if b <= upto]
-    mine = np.concatenate([chunk_means(p, QUANTITIES[0]) for p in parts])
-    k = looks.index(upto)
-    return sequential.look(mine - ref_means[QUANTITIES[0]][:upto], len(looks), k == len(looks) - 1,
-                           rule.threshold, rule.width)
-
-
-def _effects(d: ScanDir, ref_means: dict, looks: tuple[int, ...], upto: int, n_looks: int) -> dict:
-    parts = [scores.read(d.scores(a, b)) for a, b in zip((0,) + looks, looks) if b <= upto]
-    out = {}
-    for q in QUANTITIES:
-        diffs = np.concatenate([chunk_means(p, q) for p in parts]) - ref_means[q][:upto]
-        mean, lo, hi = sequential.interval(diffs, (1 - sequential.CONFIDENCE) / n_looks)
-        out[q] = Effect(mean, lo, hi)
-    return out
+    return {q: np.concatenate([chunk_means(p, q) for p in parts]) - ref_means[q][:upto] for q in QUANTITIES}
 
 
 def scan_group(inp: Inputs, ref: Side, enc: Side, g: Group, rule: Rule, ref_means: dict, kld_base: Path,
@@ -124,12 +112,15 @@ def scan_group(inp: Inputs, ref: Side, enc: Side, g: Group, rule: Rule, ref_mean
                 if not d.scores(a, b).exists():
                     say(g, f"chunks {a}..{b - 1}")
                     seconds += _round(inp, d, ref, enc, g, a, b, kld_base)
-                v = _look(d, ref_means, rule.looks, b, rule)
+                diffs = _diffs(d, ref_means, rule.looks, b)
+                v = sequential.look(diffs[QUANTITIES[0]], len(rule.looks), b == rule.looks[-1], rule.threshold,
+                                    rule.width)
                 if v.verdict != "more":
                     break
         except OrchestrateError as e:
             raise ToolError(f"scan group {g.name}: {e}", d.path) from None
-        effects = _effects(d, ref_means, rule.looks, v.chunks, len(rule.looks))
+        alpha = (1 - sequential.CONFIDENCE) / len(rule.looks)  # the stopping look's level, for every quantity
+        effects = {q: Effect(*sequential.interval(x, alpha)) for q, x in diffs.items()}
         kept = {"rule": [list(rule.looks), rule.threshold, rule.width], "chunks": v.chunks, "verdict": v.verdict,
                 "effects": {q: asdict(e) for q, e in effects.items()}, "seconds": seconds}
         write_json(d.result, kept)
