@@ -20,7 +20,7 @@ from .files import check_input_file
 from .fork import build
 from .fork.build import Fork
 from .hooks.tables import fit, write_table
-from .study import analysis, cache, groups, paired, plan, runs, scan as scan_mod, scores, sequential
+from .study import analysis, cache, groups, paired, plan, runs, scan as scan_mod, scores, sequential, tails
 from .study.base import Base, cached_histogram, file_id, measured_histogram, needs_upcast, prepare_base, upcast_path
 from .study.display import Display
 from .study.experiment import Experiment, Variant
@@ -138,15 +138,24 @@ def default_reference(names: list[str]) -> str | None:
     return "q4_0" if "q4_0" in names else None
 
 
-def compare_all(rows: list[results.Row], reference: str | None) -> dict:
-    """Paired statistics over every variant that was scored (study.paired.study)."""
+def compare_all(rows: list[results.Row], reference: str | None) -> tuple[dict, dict]:
+    """Paired statistics over every variant that was scored (study.paired.study), and the tails of
+    their per-token KLD (study.tails)."""
     ok = [r for r in rows if r.status == "ok"]
     try:
         found = {r.name: scores.read(Path(r.scores_file)) for r in ok}
         base = next((r.name for r in ok if r.kind == "base"), None)
-        return paired.study(found, base, reference if reference in found else None)
+        reference = reference if reference in found else None
+        return paired.study(found, base, reference), tails.tails(found, reference)
     except OrchestrateError as e:
-        return {"error": str(e)}
+        return {"error": str(e)}, {}
+
+
+def with_tails(rows: list[results.Row], t: dict) -> list[results.Row]:
+    """The rows with their KLD tail percentiles (results.csv's columns)."""
+    found = t.get("variants") or {}
+    return [r.but(**{f"kld_{k}": found[r.name][k]["value"] for k in (*tails.LEVELS, "max")}) if r.name in found
+            else r for r in rows]
 
 
 def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | None, opts: Options = Options(),
@@ -179,11 +188,13 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         rows = execute(variants, inp, opts.keep_models, Display(variants), unfit,
                        functools.partial(cache.record, sweep=out))
         rows = [runs.export(row, out) for row in rows]
+        compared, tail = compare_all(rows, reference)
+        rows = with_tails(rows, tail)
         settings = {"ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld, "threads": inp.threads,
                     "llama_env": inp.llama_env}
         doc = results.document(p.exp.name, p.exp.description, inp.base, inp.text, inp.text_id, settings, fork, rows,
                                analysis.measurement())
-        doc["paired"] = compare_all(rows, reference)
+        doc["paired"], doc["tails"] = compared, tail
         report.write_all(doc, out, damage_variant)
     return out, doc
 

@@ -23,7 +23,8 @@ FILE = "results.json"
 LOCK = ".sweep.lock"
 
 
-ROW_VERSION = 1  # of Row's dictionary form; rows of the landed format (no version) are version 1
+ROW_VERSION = 2  # of Row's dictionary form; rows of the landed format (no version) are version 1; 2 adds
+# the KLD tail percentiles and the task answers
 
 
 def _csv(**kw):
@@ -49,6 +50,10 @@ class Row:
     same_top: float | None = _csv()
     same_top_err: float | None = _csv()
     rms_dp: float | None = _csv()
+    kld_p90: float | None = _csv()             # percentiles of the per-token KLD (study.tails)
+    kld_p99: float | None = _csv()
+    kld_p999: float | None = _csv()
+    kld_max: float | None = _csv()
     file_bytes: int | None = _csv()
     bpw: float | None = _csv()
     zero_fraction: float | None = _csv()

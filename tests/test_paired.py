@@ -260,7 +260,8 @@ def test_kld_scores_reproduce_the_printed_statistics(fork, demo_base, tmp_path):
     res = orchestrate("sweep", "--kld", "--radius", "1", "--tables", "none", "--types", "Q4_0", "--chunks",
                       str(paired.MIN_CHUNKS), "--ctx", "128", "--threads", "2", "--out", tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())["variants"]}
+    doc = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["name"]: r for r in doc["variants"]}
     for name in ("q4_0", "q4_0-r1"):
         s = scores.read(tmp_path / "scores" / f"{name}.bin")
         assert list(s.arrays) == ["nll", "kld", "top"] and s.n_tokens == paired.MIN_CHUNKS * 63
@@ -270,6 +271,14 @@ def test_kld_scores_reproduce_the_printed_statistics(fork, demo_base, tmp_path):
         assert agrees(s.arrays["kld"].astype(np.float64).mean(), printed(log, "Mean    KLD")[0]), name
         assert agrees(100 * s.arrays["top"].astype(np.float64).mean(), printed(log, "Same top p")[0]), name
         assert set(np.unique(s.arrays["top"])) <= {0.0, 1.0}
+        for key, label in (("p90", "90.0%   KLD"), ("p99", "99.0%   KLD"), ("p999", "99.9%   KLD"),
+                           ("max", "Maximum KLD")):  # the tail, to llama-perplexity's printed precision
+            shown = re.search(re.escape(label) + r":\s*([\d.]+)", log.read_text(encoding="utf-8")).group(1)
+            assert f"{doc['tails']['variants'][name][key]['value']:.6f}" == shown, (name, key)
+            assert f"{rows[name]['kld_' + key]:.6f}" == shown
+    tail = doc["tails"]["vs_reference"]["q4_0-r1"]["p99"]
+    assert tail["lo"] > 0  # radius 1 has the heavier tail, and this text can tell
+    assert (tmp_path / "kld_tail.png").exists() and "## KL divergence tail" in (tmp_path / "report.md").read_text()
     base = scores.read(tmp_path / "scores" / "base.bin")  # written while saving the base's logits
     assert list(base.arrays) == ["nll"] and base.setting() == s.setting()
     # (its own estimate; the variants' "Mean PPL(base)" comes from the 16-bit log-probabilities

@@ -323,10 +323,43 @@ def fig_forest(doc, out: Path) -> str | None:
     return _save(fig, out, "paired_forest")
 
 
+def fig_kld_tail(doc, out: Path) -> str | None:
+    """Each variant's quantile curve of per-token KLD, the tail stretched on a log axis of 1 - level."""
+    t = doc.get("tails") or {}
+    curve = t.get("curve")
+    if not curve:
+        return None
+    beyond = np.asarray(curve["beyond"])
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), layout="constrained")
+    for i, (name, values) in enumerate(curve["variants"].items()):
+        values = np.maximum(np.asarray(values), 1e-7)  # (a KLD of 0 has no place on a log axis)
+        ax.plot(beyond, values, color=f"C{i % 10}", ls=("-", "--", ":")[i // 10 % 3], lw=1.4, label=printable(name))
+        for k, mark in (("p99", "o"), ("p999", "s")):
+            c = t["variants"][name][k]
+            if c["lo"] is not None:
+                x = 1 - {"p99": 0.99, "p999": 0.999}[k]
+                ax.errorbar(x, max(c["value"], 1e-7), yerr=[[c["value"] - c["lo"]], [c["hi"] - c["value"]]],
+                            fmt=mark, color=f"C{i % 10}", ms=3.5, capsize=2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.invert_xaxis()  # the tail to the right
+    ticks = [0.5, 0.1, 0.01, 0.001, 1e-4, 1e-5]
+    ticks = [x for x in ticks if x >= beyond[-1]]
+    ax.set_xticks(ticks, [f"{100 * (1 - x):g}%" for x in ticks])
+    ax.set_xlabel("percentile of tokens (logarithmic in the share of tokens beyond it)")
+    ax.set_ylabel("KL divergence from the base (nats)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2 if len(curve["variants"]) > 8 else 1, loc="upper left")
+    ax.set_title(f"Per-token KLD by percentile; 99% (o) and 99.9% (s) with {t['confidence']:.0%} intervals over "
+                 f"chunks\n{_subtitle(doc)}", fontsize=9)
+    return _save(fig, out, "kld_tail")
+
+
 def _figures(doc: dict, out: Path, damage_variant: str | None) -> list[tuple[str, object, tuple]]:
     """(title, drawing function, its arguments) of every figure a sweep can have."""
     figs = [("Perplexity per variant", fig_perplexity, ()),
             ("Paired differences (forest plot)", fig_forest, ()),
+            ("KL divergence tail", fig_kld_tail, ()),
             ("Perplexity against effective bits per weight", fig_tradeoff, ()),
             ("Perplexity against zero radius", fig_radius, ()),
             ("Zero-run histograms", fig_zero_runs, ()),

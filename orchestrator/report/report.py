@@ -10,6 +10,7 @@ from .. import results
 from ..files import read_json, read_text, write_atomic, write_json
 from ..results import fmt_ppl
 from . import plots
+from .behaviour import render_tails
 
 def _zstd_how(doc: dict) -> str:
     """How the zstd sizes were measured (the settings results.json records): on all the data, or on
@@ -88,6 +89,7 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
               "base, relative to the base's RMS; *zeros*: share of the main type's values stored as 0; "
               "*isolated zeros*: share of those zeros with no zero neighbour in their row (runs of length 1).", ""]
     lines += render_paired(doc)
+    lines += render_tails(doc)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["## Failures", ""] + [f"- `{r['name']}`: {r['reason']}" + (f" (log: `{r['log']}`)" if r.get("log") else "")
