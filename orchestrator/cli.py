@@ -345,6 +345,9 @@ def quantize(base, out, qtype, mode, radius, table, rules, hist, threads, llama_
 @click.option("--ctx", type=click.IntRange(16), default=None, help="Tokens per perplexity chunk (-c).")
 @click.option("--chunks", type=click.IntRange(0), default=None, help="Chunks to score (0 = the whole text).")
 @click.option("--kld", is_flag=True, help="Also KL divergence and same-top-token rate against the base.")
+@click.option("--task", "tasks", multiple=True, metavar="MODE:FILE",
+              help="Also answer this multiple-choice task (MODE hellaswag, winogrande or mc, in llama-perplexity's "
+                   "formats; repeatable; replaces the experiment's tasks). `orchestrate task make` writes one.")
 @click.option("--keep-models", is_flag=True, help="Keep the quantized models after scoring.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for llama-* (default: all cores).")
 @click.option("--damage", "damage_variant", default=None,
@@ -362,14 +365,14 @@ def quantize(base, out, qtype, mode, radius, table, rules, hist, threads, llama_
 @click.option("--gpu-layers", type=click.IntRange(0), default=None,
               help="Layers llama-perplexity offloads to the GPU (-ngl; default: all, with a GPU backend).")
 @LLAMA_ENV
-def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, keep_models, threads, damage_variant,
+def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, tasks, keep_models, threads, damage_variant,
           reference, executor, ray_address, plan_only, force, backend, gpu_layers, llama_env):
     """Quantize and score every variant of an experiment; write results, figures and a report."""
     from . import driver
     from .study import experiment
     from .study.runner import run_local
     exp = experiment.override(experiment.load_experiment(config), radius=radius, tables=tables, types=types,
-                              ctx=ctx, chunks=chunks)
+                              ctx=ctx, chunks=chunks, tasks=tasks)
     opts = driver.Options(kld=kld, keep_models=keep_models, threads=threads, llama_env=_llama_env(llama_env),
                           backend=backend, gpu_layers=gpu_layers)
     if plan_only:
@@ -517,6 +520,39 @@ def cache_gc(older_than, keep_last, dry_run):
     for e in busy:
         click.echo(f"kept {e.kind} {e.name}: a live sweep holds it ({e.path})")
     click.echo(f"{'would free' if dry_run else 'freed'} {cache.human(freed)} in {len(items) - len(busy)} directories")
+
+
+@cli.group()
+def task():
+    """Multiple-choice tasks that sweeps answer (`sweep --task MODE:FILE`)."""
+
+
+@task.command("make")
+@click.argument("text", type=UserPath(), required=False)
+@click.option("--out", type=UserPath(), required=True, help="The task file to write (refused if it exists).")
+@click.option("--format", "mode", type=click.Choice(["hellaswag", "winogrande", "mc"]), default="hellaswag",
+              show_default=True, help="llama-perplexity's format to write it in.")
+@click.option("--questions", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True, help="Chooses the passages and the wrong endings.")
+@click.option("--context-words", type=click.IntRange(4), default=40, show_default=True)
+@click.option("--ending-words", type=click.IntRange(4), default=12, show_default=True)
+def task_make(text, out, mode, questions, seed, context_words, ending_words):
+    """Write a cloze task from TEXT (default: the demo text): a passage, its true continuation and
+    continuations from elsewhere in the text. A proxy for real tasks, which are used the same way."""
+    from . import cloze, demo, taskfiles
+    from .files import check_input_file, check_writable, read_text, refuse_overwrite, write_atomic
+    source = check_input_file(text or demo.demo_text(), "text")
+    refuse_overwrite({"task file": out}, {"text": source})
+    if out.exists():
+        raise OrchestrateError(f"{out} exists; choose another --out (a task file is never overwritten)")
+    check_writable(out, "task file")
+    qs = cloze.questions(read_text(source), questions, seed, context_words, ending_words)
+    data = {"hellaswag": lambda: taskfiles.hellaswag_bytes(qs), "mc": lambda: taskfiles.mc_bytes(qs),
+            "winogrande": lambda: taskfiles.winogrande_bytes(qs, 3)}[mode]()
+    write_atomic(out, data)
+    made = taskfiles.read(mode, out)
+    click.echo(f"{out}: {made.questions} {mode} questions from {source.name} (seed {seed}); "
+               f"use it with `orchestrate sweep --task {mode}:{out}`")
 
 
 @cli.group()

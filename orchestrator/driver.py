@@ -16,11 +16,11 @@ from pathlib import Path
 from . import paths, results, scans
 from .errors import OrchestrateError
 from .fetch import sha256_of
-from .files import check_input_file
+from .files import check_input_file, read_json
 from .fork import build
 from .fork.build import Fork
 from .hooks.tables import fit, write_table
-from .study import analysis, cache, groups, paired, plan, runs, scan as scan_mod, scores, sequential, tails
+from .study import analysis, answers, cache, groups, paired, plan, runs, scan as scan_mod, scores, sequential, tails
 from .study.base import Base, cached_histogram, file_id, measured_histogram, needs_upcast, prepare_base, upcast_path
 from .study.display import Display
 from .study.experiment import Experiment, Variant
@@ -77,7 +77,8 @@ def prepare(exp: Experiment, model: Path, text: Path, opts: Options, fork: Fork,
         base = prepare_base(model, fork)
     gpu_layers = opts.gpu_layers if opts.gpu_layers is not None else (ALL_LAYERS if fork.gpu else None)
     inp = Inputs(fork, base, text.resolve(), sha256_of(text), exp.ctx, exp.chunks, opts.kld,
-                 opts.threads or os.cpu_count() or 1, dict(opts.llama_env or {}), gpu_layers=gpu_layers)
+                 opts.threads or os.cpu_count() or 1, dict(opts.llama_env or {}), gpu_layers=gpu_layers,
+                 tasks=exp.tasks)
     tokens = tokenize.count_tokens(fork, model, file_id(model), text, inp.text_id)  # the source's vocabulary
     chunks = tokenize.check_text(tokens, exp.ctx, exp.chunks, text)
     if chunks < paired.MIN_CHUNKS:
@@ -158,6 +159,21 @@ def with_tails(rows: list[results.Row], t: dict) -> list[results.Row]:
             else r for r in rows]
 
 
+def task_answers(rows: list[results.Row], tasks, reference: str | None) -> dict:
+    """Every task's answers, per variant that was scored (in the order asked), and the comparisons
+    (study.answers.study)."""
+    ok = [r for r in rows if r.status == "ok"]
+    base = next((r.name for r in ok if r.kind == "base"), None)
+    out = {}
+    for t in tasks:
+        records = {r.name: read_json(ScoreDir(Path(r.score_dir)).answers(t)) for r in ok}
+        found = {n: rec["correct"] for n, rec in records.items()}
+        out[t.label] = {"mode": t.mode, "file": str(t.path), "sha256": t.sha256, "questions": t.questions,
+                        **answers.study(found, base, reference if reference in found else None),
+                        "printed": {n: rec["printed"] for n, rec in records.items()}, "answers": found}
+    return out
+
+
 def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | None, opts: Options = Options(),
           damage_variant: str | None = None, reference: str | None = None, execute=run_local,
           force: bool = False) -> tuple[Path, dict]:
@@ -195,6 +211,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         doc = results.document(p.exp.name, p.exp.description, inp.base, inp.text, inp.text_id, settings, fork, rows,
                                analysis.measurement())
         doc["paired"], doc["tails"] = compared, tail
+        doc["tasks"] = task_answers(rows, inp.tasks, reference)
         report.write_all(doc, out, damage_variant)
     return out, doc
 

@@ -123,3 +123,43 @@ def dry_run_types(text: str) -> dict[str, str]:
     """llama-quantize --dry-run's output -> the type each quantized tensor would get (lowercase, as it
     prints them); tensors it would copy are absent."""
     return {m.group(1): m.group(2) for m in _DRY_RUN_TENSOR.finditer(text)}
+
+
+TASK_LINES = {  # one line per question, in the order asked: its number, the running accuracy (%), ...
+    "hellaswag": re.compile(r"(?m)^(\d+)\t(\d+\.\d+)%\t\["),
+    "winogrande": re.compile(r"(?m)^(\d+)\t(\d+\.\d+)\t\s*\S+\s+\S+\s+([12])\s+([12])\s*$"),  # ..., chosen, right
+    "mc": re.compile(r"(?m)^(\d+)\t(\d+\.\d+)\s*$"),
+}
+TASK_COUNT = re.compile(r"(?:loaded|selecting|there are) (\d+) (?:randomized |random |the first )?tasks")
+TASK_FINAL = re.compile(r"(?:Final Winogrande score\(\d+ tasks\)|Final result): " + NUM)
+TASK_ERROR = re.compile(r"(?m)^.*?(\w+ ?: (?:task \d+ does not fit|task \d+ requires|number of lines|no tasks"
+                        r"|failed to read|found \d+ malformed|found bad task|found empty answer)[^\n]*)")
+
+
+def parse_answers(mode: str, text: str) -> dict:
+    """Which questions of a --hellaswag / --winogrande / --multiple-choice run the model answered right,
+    in the order asked: exactly, from the running accuracy printed after each question (hellaswag,
+    mc) or the chosen and right choice it prints (winogrande). Also the score llama-perplexity printed
+    last, to check against."""
+    counts = TASK_COUNT.findall(text)
+    lines = TASK_LINES[mode].findall(text)
+    if not counts or len(lines) != int(counts[-1]) or [int(x[0]) for x in lines] != list(range(1, len(lines) + 1)):
+        err = TASK_ERROR.search(text)
+        why = err.group(1).strip() if err else f"{len(lines)} answers printed for {counts[-1] if counts else '?'} questions"
+        raise ParseError(f"llama-perplexity did not answer every {mode} question: {why}")
+    if mode == "winogrande":
+        correct = [chosen == right for _, _, chosen, right in lines]
+        tally = 0
+        for k, ((_, shown, _, _), ok) in enumerate(zip(lines, correct), 1):
+            tally += ok
+            if abs(100 * tally / k - float(shown)) > 0.51e-4:
+                raise ParseError(f"winogrande answer {k}: running accuracy {shown}% does not follow its answers")
+    else:
+        right = [round(float(shown) * k / 100) for k, (_, shown, *_) in enumerate(lines, 1)]
+        correct = [b - a == 1 for a, b in zip([0, *right], right)]
+        if any(b - a not in (0, 1) for a, b in zip([0, *right], right)):
+            raise ParseError(f"{mode}: the running accuracy does not follow one answer at a time")
+    final = TASK_FINAL.search(text)
+    printed = _f(final.group(1)) if final else float(lines[-1][1])
+    return {"correct": "".join("1" if c else "0" for c in correct), "questions": len(correct), "printed": printed,
+            "printed_as": final.group(1) if final else lines[-1][1]}

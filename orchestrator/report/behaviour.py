@@ -35,3 +35,40 @@ def render_tails(doc: dict) -> list[str]:
         for name, c in t["vs_reference"].items():
             lines.append(f"| {name} | " + " | ".join(_value(c[k], ".5f", signed=True) for k in levels) + " |")
     return lines + [""]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _flips(f: dict | None) -> str:
+    if not f:
+        return "–"
+    p = f"{f['p']:.2g}" if f["p"] >= 1e-4 else "<1e-4"
+    return (f"{f['right_to_wrong']} / {f['wrong_to_right']} | {100 * f['difference']:+.1f} "
+            f"[{100 * f['lo']:+.1f}, {100 * f['hi']:+.1f}] | {p}")
+
+
+def render_tasks(doc: dict) -> list[str]:
+    tasks = doc.get("tasks") or {}
+    if not tasks:
+        return []
+    lines = ["## Task answers", "",
+             "Every variant answered the same questions. *Accuracy*: the share answered right, with its 95% "
+             "Wilson interval. *Flips* against the base and against the reference: questions the variant gets "
+             "wrong that the other gets right (right→wrong) and the reverse (wrong→right); *Δ accuracy* "
+             "(points) with Newcombe's paired interval; *p*: McNemar's exact test, which uses the pairing (two "
+             "variants with equal accuracy can still disagree on many answers). Questions are the units: each "
+             "test is on its own, without correction for the number of variants.", ""]
+    for label, t in tasks.items():
+        lines += [f"### {label}", "",
+                  f"`{t['file']}` (sha256 `{t['sha256'][:16]}…`): {t['questions']} questions, {t['mode']} format.", "",
+                  f"| variant | accuracy (%) | right→wrong / wrong→right vs base `{t['base']}` | Δ accuracy | p "
+                  f"| right→wrong / wrong→right vs reference `{t['reference'] or 'none'}` | Δ accuracy | p |",
+                  "|" + "---|" * 8]
+        for name, v in t["variants"].items():
+            lines.append(f"| {name} | {_pct(v['accuracy'])} [{_pct(v['lo'])}, {_pct(v['hi'])}] | "
+                         f"{_flips(v.get('vs_base')) if v.get('vs_base') else '– | – | –'} | "
+                         f"{_flips(v.get('vs_reference')) if v.get('vs_reference') else '– | – | –'} |")
+        lines.append("")
+    return lines

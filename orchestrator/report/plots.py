@@ -355,6 +355,36 @@ def fig_kld_tail(doc, out: Path) -> str | None:
     return _save(fig, out, "kld_tail")
 
 
+def fig_task(doc, out: Path, label: str, index: int) -> str | None:
+    """One task: each variant's accuracy with its interval, and its flips against the base."""
+    t = doc["tasks"][label]
+    names = list(t["variants"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 1.6 + 0.32 * len(names)), sharey=True, layout="constrained")
+    y = np.arange(len(names))[::-1]
+    for i, n in zip(y, names):
+        v = t["variants"][n]
+        left.errorbar(100 * v["accuracy"], i, xerr=[[100 * (v["accuracy"] - v["lo"])], [100 * (v["hi"] - v["accuracy"])]],
+                      fmt="o", color="C0", capsize=3, ms=4)
+        f = v.get("vs_base")
+        if f:
+            first = not right.get_legend_handles_labels()[0]
+            right.barh(i + 0.18, f["right_to_wrong"], height=0.34, color="C3", label="right→wrong" if first else None)
+            right.barh(i - 0.18, f["wrong_to_right"], height=0.34, color="C2", label="wrong→right" if first else None)
+    chance = {"hellaswag": 25.0, "winogrande": 50.0}.get(t["mode"])
+    if chance:
+        left.axvline(chance, color="0.5", ls="--", lw=1, label=f"chance ({chance:g}%)")
+        left.legend(fontsize=8, loc="best")
+    left.set_yticks(y, [printable(n) for n in names])
+    left.set_xlabel("accuracy (%), 95% Wilson interval")
+    left.grid(axis="x", alpha=0.3)
+    right.set_xlabel(f"questions flipped against the base ({t['base']})")
+    right.grid(axis="x", alpha=0.3)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{printable(label)}: {t['questions']} questions\n{_subtitle(doc)}", fontsize=9)
+    return _save(fig, out, f"task-{index}")
+
+
 def _figures(doc: dict, out: Path, damage_variant: str | None) -> list[tuple[str, object, tuple]]:
     """(title, drawing function, its arguments) of every figure a sweep can have."""
     figs = [("Perplexity per variant", fig_perplexity, ()),
@@ -367,6 +397,7 @@ def _figures(doc: dict, out: Path, damage_variant: str | None) -> list[tuple[str
             ("Table code usage", fig_table_codes, ())]
     if damage_variant:
         figs.append((f"Weight error per tensor: {damage_variant}", fig_damage, (damage_variant,)))
+    figs += [(f"Task answers: {label}", fig_task, (label, i)) for i, label in enumerate(doc.get("tasks") or {})]
     figs += [(f"Value histogram: {r['name']}", fig_values, (r,)) for r in _ok(doc) if r["kind"] != "base"]
     return [(title, fn, (doc, out, *args)) for title, fn, args in figs]
 

@@ -10,7 +10,7 @@ from .. import results
 from ..files import read_json, read_text, write_atomic, write_json
 from ..results import fmt_ppl
 from . import plots
-from .behaviour import render_tails
+from .behaviour import render_tails, render_tasks
 
 def _zstd_how(doc: dict) -> str:
     """How the zstd sizes were measured (the settings results.json records): on all the data, or on
@@ -90,6 +90,7 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
               "*isolated zeros*: share of those zeros with no zero neighbour in their row (runs of length 1).", ""]
     lines += render_paired(doc)
     lines += render_tails(doc)
+    lines += render_tasks(doc)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["## Failures", ""] + [f"- `{r['name']}`: {r['reason']}" + (f" (log: `{r['log']}`)" if r.get("log") else "")

@@ -109,6 +109,7 @@ def worker_inputs(inp: Inputs, variants: list[Variant]) -> Inputs:
                                "(build the same checkout there: `orchestrate build`)")
     files = [("base model", inp.base.path, inp.base.sha256, file_id), ("text", inp.text, inp.text_id, sha256_of)]
     files += [("table", v.table.path, None, None) for v in variants if v.table]
+    files += [(f"task file ({t.mode})", t.path, t.sha256, sha256_of) for t in inp.tasks]
     for what, path, sha, digest in files:
         if not os.access(path, os.R_OK) or not Path(path).is_file():
             raise OrchestrateError(f"node {node} cannot read the {what} {path} "
@@ -159,7 +160,7 @@ def run_task(inp: Inputs, v: Variant, keep_models: bool, kld_tensors: str | None
             kld_base = runner.KldBase(kld_tensors, sdir.logits)
         row = runner.run_variant(winp, v, keep_models, kld_base, step)
         out.update(ok=True, row=row, run_files=_files(Path(row.run_dir), RunDir.SMALL),
-                   score_files=_files(Path(row.score_dir), ScoreDir.SMALL))
+                   score_files=_files(Path(row.score_dir), ScoreDir(Path(row.score_dir)).small(winp.tasks)))
     except OrchestrateError as e:
         log = getattr(e, "log", None)
         out.update(ok=False, reason=f"on node {node}: {e}",

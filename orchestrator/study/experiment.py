@@ -15,9 +15,10 @@ from ..errors import OrchestrateError
 from ..files import check_name
 from ..hooks.conf import STOCK, Hooks, Table, rule_arg, table_arg
 from ..hooks.tables import FITTED
+from ..taskfiles import TaskFile, parse_spec
 
 EXPERIMENT = Hooks(True)  # the experiments' mode with nothing set (a table is fitted in later)
-KEYS = {"name", "description", "types", "tables", "radius", "rules", "perplexity"}
+KEYS = {"name", "description", "types", "tables", "radius", "rules", "perplexity", "tasks"}
 RULE_KEYS = {"type", "radius", "table", "tensors"}
 PPL_KEYS = {"ctx", "chunks"}
 
@@ -79,6 +80,7 @@ class Experiment:
     chunks: int = 20
     description: str = ""
     table_dir: Path = field(default_factory=Path.cwd)  # what relative table files are relative to
+    tasks: tuple[TaskFile, ...] = ()  # multiple-choice tasks every variant answers
 
     def variants(self) -> list[Variant]:
         out = [Variant("base", "base")]
@@ -167,7 +169,8 @@ def load_experiment(path: Path | None = None) -> Experiment:
                      tables=str_list("tables"), radius=sorted(set(radius)), rules=_rule_sets(path, data.get("rules")),
                      ctx=ppl.get("ctx", 512),
                      chunks=ppl.get("chunks", 20), description=(data.get("description") or "").strip(),
-                     table_dir=path.resolve().parent)
+                     table_dir=path.resolve().parent,
+                     tasks=parse_tasks(str_list("tasks"), path.resolve().parent))
     exp.variants()  # resolves the tables now: a bad name is an error before any work starts
     return exp
 
@@ -197,10 +200,22 @@ def _rule_sets(path: Path, data) -> list[RuleSet]:
     return out
 
 
+def parse_tasks(specs, relative_to: Path) -> tuple[TaskFile, ...]:
+    """MODE:FILE task specs, each file read and checked; two tasks may not share a label."""
+    tasks = tuple(parse_spec(s, relative_to) for s in specs)
+    labels = [t.label for t in tasks]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise OrchestrateError(f"task {twice[0]} is given twice (tasks are told apart by mode and file name)")
+    return tasks
+
+
 def override(exp: Experiment, radius: str | None = None, tables: str | None = None, types: str | None = None,
-             ctx: int | None = None, chunks: int | None = None) -> Experiment:
-    """The experiment with command-line selections applied."""
+             ctx: int | None = None, chunks: int | None = None, tasks: tuple[str, ...] = ()) -> Experiment:
+    """The experiment with command-line selections applied (tasks given replace the experiment's)."""
     changes = {}
+    if tasks:
+        changes["tasks"] = parse_tasks(tasks, Path.cwd())
     if radius is not None:
         changes["radius"] = parse_radius(radius)
     if tables is not None:

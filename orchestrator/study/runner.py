@@ -65,7 +65,8 @@ def finished_row(inp: Inputs, v: Variant) -> Row | None:
     if not result.exists():
         return None
     row = Row.from_dict(read_json(result))
-    return row if ScoreDir(Path(row.score_dir)).scored() else None
+    sdir = ScoreDir(Path(row.score_dir))
+    return row if sdir.scored() and sdir.answered(inp.tasks) else None
 
 
 def kept_model(inp: Inputs, v: Variant, step) -> RunDir:
@@ -110,6 +111,22 @@ def scored(inp: Inputs, v: Variant, model: Path, sdir: ScoreDir, kld_base: KldBa
         lock.release()
 
 
+def answered(inp: Inputs, v: Variant, model: Path, sdir: ScoreDir, step) -> None:
+    """The model's answers to every task of the study, in its score directory: those still missing
+    answered now (answers, like scores, are shared by every variant with the same tensors)."""
+    if sdir.answered(inp.tasks):
+        return
+    lock = take_lock(sdir.lock, v, step)
+    try:
+        for task in inp.tasks:
+            if not sdir.answers(task).exists():
+                step(v, f"answer {task.label}")
+                write_json(sdir.answers(task), perplexity.answer(inp.fork, model, task, inp.scoring,
+                                                                 sdir.answers_log(task), inp.llama_env))
+    finally:
+        lock.release()
+
+
 def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | None, step) -> Row:
     """Bring one variant to a finished result (reusing whatever a previous run finished)."""
     run = run_dir(inp, v)
@@ -120,12 +137,14 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | 
     try:
         if run.result.exists():
             result = Row.from_dict(read_json(run.result))
-            if ScoreDir(Path(result.score_dir)).scored(base_logits):
+            done = ScoreDir(Path(result.score_dir))
+            if done.scored(base_logits) and done.answered(inp.tasks):
                 return result
         _clear_leftovers(run.path)
         a = read_json(run.analysis) if run.analysis.exists() else None
         kld_tensors = kld_base.tensors if kld_base else None
-        needs_model = a is None or not score_dir(inp, a["tensor_key"], kld_tensors).scored(base_logits)
+        sdir = score_dir(inp, a["tensor_key"], kld_tensors) if a else None
+        needs_model = sdir is None or not sdir.scored(base_logits) or not sdir.answered(inp.tasks)
         if v.kind != "base" and (not run.quantize.exists() or (needs_model and not model.exists())):
             step(v, "quantize")
             write_json(run.quantize, _quantize_step(inp, v, run, step))
@@ -135,6 +154,7 @@ def run_variant(inp: Inputs, v: Variant, keep_models: bool, kld_base: KldBase | 
             write_json(run.analysis, a)
         sdir = score_dir(inp, a["tensor_key"], kld_tensors)
         p = scored(inp, v, model, sdir, kld_base, step)
+        answered(inp, v, model, sdir, step)
         result = assemble(inp, v, run, read_json(run.quantize) if v.kind != "base" else None, p, a, sdir)
         write_json(run.result, result.to_dict())
         return result
@@ -178,7 +198,8 @@ def assemble(inp: Inputs, v: Variant, run: RunDir, q: dict | None, p: dict, a: d
                zstd_sampled=a["zstd_sampled"],
                weight_rel_rmse=a["damage"]["model_rel_rmse"] if a["damage"] else None,
                quantize_seconds=q["seconds"] if q else 0.0, perplexity_seconds=p["seconds"],
-               analysis_seconds=a.get("seconds"), commands=([q["command"]] if q else []) + [p["command"]],
+               analysis_seconds=a.get("seconds"), commands=([q["command"]] if q else []) + [p["command"]]
+               + [read_json(sdir.answers(t))["command"] for t in inp.tasks],
                run_dir=str(run.path), tensor_key=a["tensor_key"], score_dir=str(sdir.path),
                scores_file=str(sdir.scores))
 

@@ -19,6 +19,7 @@ import filelock
 from .. import paths, results
 from ..files import read_json, write_atomic, write_json
 from ..fork.build import Fork
+from ..taskfiles import TaskFile
 from ..tools.perplexity import Scoring
 from . import analysis
 from .base import Base
@@ -65,9 +66,23 @@ class ScoreDir:
     lock = property(lambda self: lock_of(self.path))
     SMALL = ("perplexity.json", "perplexity.log", "scores.bin")
 
+    def answers(self, task: TaskFile) -> Path:
+        """The model's answers to a task (tools.perplexity.answer's record); written last."""
+        return self.path / f"answers-{task.key}.json"
+
+    def answers_log(self, task: TaskFile) -> Path:
+        return self.path / f"answers-{task.key}.log"
+
+    def small(self, tasks: tuple[TaskFile, ...]) -> tuple[str, ...]:
+        """What a cluster task sends back of it."""
+        return self.SMALL + tuple(p.name for t in tasks for p in (self.answers(t), self.answers_log(t)))
+
     def scored(self, logits: bool = False) -> bool:
         """Finished (and holding the base's logits, when asked)."""
         return self.perplexity.exists() and (not logits or self.logits.exists())
+
+    def answered(self, tasks: tuple[TaskFile, ...]) -> bool:
+        return all(self.answers(t).exists() for t in tasks)
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,7 @@ class Inputs:
     llama_env: dict = field(default_factory=dict)  # the user's --llama-env, passed to every llama-* run
     cache: Path = field(default_factory=paths.cache_dir)  # holds runs/ and scores/ (a cluster worker's own)
     gpu_layers: int | None = None  # llama-perplexity -ngl (None: not passed)
+    tasks: tuple[TaskFile, ...] = ()  # what every model also answers (in its score directory)
 
     @property
     def scoring(self) -> Scoring:

@@ -12,10 +12,14 @@ from typing import Callable
 from ..errors import OrchestrateError, ToolError
 from ..files import read_text
 from ..fork.build import Fork
-from ..parse import PerplexityProgress, parse_perplexity
+from ..parse import PerplexityProgress, parse_answers, parse_perplexity
 from ..proc import clean_env, failure_reason, run_logged
+from ..taskfiles import MODES, TaskFile
 
 SCORES_ENV = "PABLO_SCORES"  # the fork writes every scored token's scores to this file (patch 0004)
+# llama-perplexity's -c for tasks: one setting for every sweep, so that answers do not depend on the sweep's
+# -c (it runs 4 sequences of this many tokens at once; a question must fit in their sum)
+TASK_CTX = 512
 TOO_SHORT = re.compile(r"you need at least (\d+) tokens.*?tokenizes to only (\d+) tokens", re.S)
 
 
@@ -82,6 +86,28 @@ def run(fork: Fork, model: Path, s: Scoring, log: Path, scores: Path, env: dict,
     if tmp_logits:
         os.replace(tmp_logits, save_logits)
     res.update(seconds=seconds, command=[str(c) for c in cmd])
+    return res
+
+
+def answer(fork: Fork, model: Path, task: TaskFile, s: Scoring, log: Path, env: dict) -> dict:
+    """model's answers to every question of task (parse.parse_answers), with the command and time;
+    llama-perplexity's output goes to log."""
+    cmd = [fork.binary("llama-perplexity"), "-m", model, "-bf" if task.mode == "mc" else "-f", task.path,
+           MODES[task.mode], "-c", str(TASK_CTX), "-t", str(s.threads)]
+    if s.gpu_layers is not None:
+        cmd += ["-ngl", str(s.gpu_layers)]
+    with open(log, "w", encoding="utf-8") as f:
+        rc, seconds = run_logged(cmd, f, env=clean_env(env), cwd=log.parent)
+    if rc != 0:
+        raise ToolError(f"llama-perplexity {MODES[task.mode]} exited with code {rc}: {_reason(log)}", log)
+    try:
+        res = parse_answers(task.mode, read_text(log))
+    except OrchestrateError as e:
+        raise ToolError(f"{task.label}: {e}", log) from None
+    if res["questions"] != task.questions:
+        raise ToolError(f"{task.label}: llama-perplexity asked {res['questions']} questions where "
+                        f"{task.questions} were expected", log)
+    res.update(task=task.label, sha256=task.sha256, seconds=seconds, command=[str(c) for c in cmd])
     return res
 
 
