@@ -349,6 +349,8 @@ def quantize(base, out, qtype, mode, radius, table, rules, hist, threads, llama_
               help="Also answer this multiple-choice task (MODE hellaswag, winogrande or mc, in llama-perplexity's "
                    "formats; repeatable; replaces the experiment's tasks). `orchestrate task make` writes one.")
 @click.option("--keep-models", is_flag=True, help="Keep the quantized models after scoring.")
+@click.option("--split-text", "split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              metavar="SHARE", help="Hold back the first SHARE of the text for fitting and score only the rest.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for llama-* (default: all cores).")
 @click.option("--damage", "damage_variant", default=None,
               help="Variant whose per-tensor weight error is drawn as a heat-map (default: the largest radius).")
@@ -365,7 +367,7 @@ def quantize(base, out, qtype, mode, radius, table, rules, hist, threads, llama_
 @click.option("--gpu-layers", type=click.IntRange(0), default=None,
               help="Layers llama-perplexity offloads to the GPU (-ngl; default: all, with a GPU backend).")
 @LLAMA_ENV
-def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, tasks, keep_models, threads, damage_variant,
+def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, tasks, keep_models, split, threads, damage_variant,
           reference, executor, ray_address, plan_only, force, backend, gpu_layers, llama_env):
     """Quantize and score every variant of an experiment; write results, figures and a report."""
     from . import driver
@@ -374,7 +376,7 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, tas
     exp = experiment.override(experiment.load_experiment(config), radius=radius, tables=tables, types=types,
                               ctx=ctx, chunks=chunks, tasks=tasks)
     opts = driver.Options(kld=kld, keep_models=keep_models, threads=threads, llama_env=_llama_env(llama_env),
-                          backend=backend, gpu_layers=gpu_layers)
+                          backend=backend, gpu_layers=gpu_layers, split=split)
     if plan_only:
         for line in driver.plan_sweep(exp, model, text, opts):
             click.echo(line)

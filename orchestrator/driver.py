@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import paths, results, scans
+from . import paths, results, scans, texts
 from .errors import OrchestrateError
 from .fetch import sha256_of
 from .files import check_input_file, read_json
@@ -43,6 +43,7 @@ class Options:
     llama_env: dict | None = None
     backend: str = "cpu"
     gpu_layers: int | None = None
+    split: float | None = None   # fit on this share of the text, score the rest (texts.split)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,28 @@ def _files(model: Path | None, text: Path | None) -> tuple[Path, Path]:
         if given:
             check_input_file(given, what)
     return (check_input_file(model or demo.demo_model(), "model"), check_input_file(text or demo.demo_text(), "text"))
+
+
+def _parts(text: Path, split: float | None) -> tuple[Path, texts.Part | None, texts.Part | None]:
+    """The text to score, and the fitting and scoring parts when the text is split."""
+    if split is None:
+        return text, None, None
+    fit_part, score_part = texts.split(text, split)
+    return score_part.path, fit_part, score_part
+
+
+def text_record(inp: Inputs, variants: list[Variant], fit_part: texts.Part | None,
+                score_part: texts.Part | None) -> dict:
+    """Which text scored this sweep, and what was fitted on what (results.json's texts)."""
+    fits = []
+    fitted = sorted({v.fit for v in variants if v.fit})
+    if fitted:
+        fits.append({"for": f"Fitted the tables {', '.join(fitted)}", "from": "the base's Q8_0 weights (no text)"})
+    if fit_part:
+        fits.append({"for": "Held back for fitting (nothing in this sweep fits on text)",
+                     **texts.record(fit_part.path, fit_part.sha256, fit_part)})
+    return {"score": texts.record(inp.text, inp.text_id, score_part), "fit": fits,
+            "tasks": [{"task": t.label, "file": str(t.path), "sha256": t.sha256} for t in inp.tasks]}
 
 
 def prepare(exp: Experiment, model: Path, text: Path, opts: Options, fork: Fork, make_base: bool) -> Prepared:
@@ -187,6 +210,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
     reference = reference or default_reference(names)
     model, text = _files(model, text)
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{model.stem}"
+    text, fit_part, score_part = _parts(text, opts.split)
     with results.locked(out):
         fork = build.build(quiet=False, backend=opts.backend)
         p = prepare(exp, model, text, opts, fork, make_base=True)
@@ -212,6 +236,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
                                analysis.measurement())
         doc["paired"], doc["tails"] = compared, tail
         doc["tasks"] = task_answers(rows, inp.tasks, reference)
+        doc["texts"] = text_record(inp, variants, fit_part, score_part)
         report.write_all(doc, out, damage_variant)
     return out, doc
 
@@ -219,7 +244,8 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
 def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Options = Options()) -> list[str]:
     """`sweep --plan`: the variants, which are cached, the disk at the peak against the free space,
     and the time, without running the sweep (at most a one-chunk calibration of the base)."""
-    p = prepare(exp, *_files(model, text), opts, build.current(opts.backend), make_base=False)
+    model, text = _files(model, text)
+    p = prepare(exp, model, _parts(text, opts.split)[0], opts, build.current(opts.backend), make_base=False)
     inp = p.inp
     params = plan.model_params(p.model)
     variants = p.exp.variants()
@@ -312,7 +338,8 @@ def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, o
     chunks they can take, and the time if every group took them all (the most the scan can cost)."""
     opts = replace(opts, kld=True, keep_models=True)
     lines = plan_sweep(exp, model, text, opts)
-    p = prepare(exp, *_files(model, text), opts, build.current(opts.backend), make_base=False)
+    model, text = _files(model, text)
+    p = prepare(exp, model, _parts(text, opts.split)[0], opts, build.current(opts.backend), make_base=False)
     inp = p.inp
     if p.upcast:
         return lines + ["scan: the groups are known once the base's F16 upcast exists (run the scan, or a sweep)"]

@@ -6,7 +6,7 @@ import math
 import re
 from pathlib import Path
 
-from .. import results
+from .. import results, texts
 from ..files import read_json, read_text, write_atomic, write_json
 from ..results import fmt_ppl
 from . import plots
@@ -58,6 +58,7 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
     p = doc["perplexity"]
     lines += [f"- Text: `{doc['text']}` (sha256 `{doc['text_sha256'][:16]}…`); llama-perplexity `-c {p['ctx']}`"
               f" over {p['chunks'] or 'all'} chunks" + ("; KL divergence against the base" if p["kld"] else ""),
+              *render_texts(doc),
               f"- Fork: `{doc['fork']['id']}` — {doc['fork']['upstream']}; patches: "
               + ", ".join(f"`{x}`" for x in doc["fork"]["patches"]),
               f"- Made: {doc['created']}", "", "## Results", ""]
@@ -103,6 +104,22 @@ def render_report(doc: dict, figures: list[tuple[str, str]]) -> str:
         for c in r.get("commands") or []:
             lines.append(f"- `{r['name']}`: `{' '.join(c)}`")
     return "\n".join(lines) + "\n"
+
+
+def render_texts(doc: dict) -> list[str]:
+    """What scored and what was fitted on what, and a warning where they share text."""
+    t = doc.get("texts")
+    if not t:
+        return []
+    score = t["score"]
+    out = [f"- Scored on {score['part']}" + (" (the rest held back for fitting)" if t["fit"] else "")] if "part" in score else []
+    for f in t["fit"]:
+        source = f["from"] if "from" in f else f"{f.get('part') or '`' + f['file'] + '`'} (sha256 `{f['sha256'][:16]}…`)"
+        out.append(f"- {f['for']}: {source}")
+        if "sha256" in f and texts.overlaps(f, score):
+            out.append(f"- **Warning: the text fitted on ({source}) is also scored**: what was fitted on it scores "
+                       "better here than it would elsewhere (use `--split-text`, or another text to score)")
+    return out
 
 
 def _ci(c: dict, scale: float = 1, fmt: str = "+.4f") -> str:
