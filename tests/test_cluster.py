@@ -143,6 +143,28 @@ def test_ray_sweep_gives_the_local_results(cluster, local, fork, tmp_path):
     assert again.returncode == 0 and again.stderr.count("(cached)") == 4, again.stderr[-3000:]
 
 
+def test_task_answers_come_back_from_the_cluster(cluster, fork, tmp_path):
+    forget_worker_runs(cluster)
+    orchestrate("task", "make", "--out", tmp_path / "q.mc", "--format", "mc", "--questions", "12", check=True)
+    cache = fresh_cache(tmp_path / "cache")
+    res = ray_sweep(cluster, tmp_path / "out", cache, "--task", f"mc:{tmp_path / 'q.mc'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    answered = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["mc:q.mc"]["answers"]
+    assert set(answered) == {"base", "q4_0", "q8_0-basic", "q4_0-r1"} and all(len(a) == 12 for a in answered.values())
+    bins = [fork.binary(t) for t in ("llama-quantize", "llama-perplexity")]
+    modes = [b.stat().st_mode for b in bins]
+    try:  # the answers came back into the driver's cache: a local re-run answers nothing again
+        for b in bins:
+            b.chmod(b.stat().st_mode & ~(stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
+        again = orchestrate("sweep", *SMALL, "--task", f"mc:{tmp_path / 'q.mc'}", "--out", tmp_path / "again",
+                            env={"ORCHESTRATE_CACHE": str(cache)})
+    finally:
+        for b, m in zip(bins, modes):
+            b.chmod(m)
+    assert again.returncode == 0 and again.stderr.count("(cached)") == 4, again.stderr[-3000:]
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["tasks"]["mc:q.mc"]["answers"] == answered
+
+
 def llama_under_ray_worker() -> tuple[int, int] | None:
     """(llama-* pid, its Ray worker's pid) of a tool a Ray task is running, if any."""
     for p in Path("/proc").iterdir():
