@@ -305,11 +305,13 @@ def conf_check(files):
 @click.option("--rule", "rules", multiple=True, metavar="'PATTERN [Q4_0_RADIUS=N] [TABLE_MODE=T]'",
               help="Per-tensor setting for the tensors whose names match PATTERN (* and ? wildcards); "
                    "repeatable, the first that matches wins (pablo mode).")
+@click.option("--recipe", "recipe_file", type=UserPath(), default=None,
+              help="A recipe file (`orchestrate recipe`): its type must be TYPE; its rules are added.")
 @click.option("--hist", type=UserPath(), default=None, help="Write the value and zero-run histograms (JSON) here.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="llama-quantize threads (default: all cores).")
 @LLAMA_ENV
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def quantize(base, out, qtype, mode, radius, table, rules, hist, threads, llama_env, extra):
+def quantize(base, out, qtype, mode, radius, table, rules, recipe_file, hist, threads, llama_env, extra):
     """Quantize BASE to OUT as TYPE (any llama-quantize type) with the fork's hooks. Extra
     llama-quantize arguments go after `--`."""
     from .files import check_input_file, refuse_overwrite
@@ -318,6 +320,12 @@ def quantize(base, out, qtype, mode, radius, table, rules, hist, threads, llama_
     from .study.base import prepare_base
     refuse_overwrite({"output": out, "histogram file": hist, "log": out.with_name(out.name + ".log")},
                      {"model": check_input_file(base, "model")})
+    if recipe_file is not None:
+        from .recipes import read_recipe
+        _, recipe_type, recipe_rules = read_recipe(recipe_file)
+        if recipe_type.upper() != qtype.upper():
+            raise OrchestrateError(f"{recipe_file} is a {recipe_type} recipe; quantize it as {recipe_type}")
+        rules = tuple(rules) + tuple(recipe_rules)
     experiment = mode == "pablo" or (mode is None and (radius > 0 or table is not None or bool(rules)))
     hooks = Hooks(experiment, radius, table_arg(table) if table else None, tuple(rule_arg(r) for r in rules))
     fork = build_mod.current()
@@ -417,11 +425,13 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, tas
 @click.option("--chunks", type=click.IntRange(0), default=64, show_default=True,
               help="The most chunks a group is scored on (0 = the whole text).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for llama-* (default: all cores).")
+@click.option("--split-text", "split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              metavar="SHARE", help="Scan on the first SHARE of the text only; the rest is held out (for `recipe`).")
 @click.option("--plan", "plan_only", is_flag=True,
               help="Say what the scan would run (groups, chunks, disk, time); run nothing.")
 @BACKEND
 @LLAMA_ENV
-def scan(radius, table, qtype, reference, by, threshold, width, model, text, out, ctx, chunks, threads, plan_only,
+def scan(radius, table, qtype, reference, by, threshold, width, model, text, out, ctx, chunks, threads, split, plan_only,
          backend, llama_env):
     """Where does an encoding hurt? Apply it to one group of tensors at a time (against stock Q4_0 for a
     radius, stock Q8_0 for a table, --reference for a type) and score each group's model against the base,
@@ -442,7 +452,7 @@ def scan(radius, table, qtype, reference, by, threshold, width, model, text, out
         exp = Experiment(name, types=["Q4_0" if radius is not None else "Q8_0"],
                          radius=[radius] if radius is not None else [], tables=[table] if table else [],
                          ctx=ctx, chunks=chunks)
-    opts = driver.Options(threads=threads, llama_env=_llama_env(llama_env), backend=backend)
+    opts = driver.Options(threads=threads, llama_env=_llama_env(llama_env), backend=backend, split=split)
     if plan_only:
         for line in driver.plan_scan(exp, by, model, text, opts):
             click.echo(line)
@@ -522,6 +532,31 @@ def cache_gc(older_than, keep_last, dry_run):
     for e in busy:
         click.echo(f"kept {e.kind} {e.name}: a live sweep holds it ({e.path})")
     click.echo(f"{'would free' if dry_run else 'freed'} {cache.human(freed)} in {len(items) - len(busy)} directories")
+
+
+@cli.command()
+@click.argument("scan_dir", type=UserPath())
+@click.option("--budget", "budget", required=True, metavar="QUANTITY=LIMIT[,LIMIT...]",
+              help="kld=0.05 (mean KLD over the reference's) or nll=0.02 (ln PPL ratio); several limits: a frontier.")
+@click.option("--text", type=UserPath(), default=None,
+              help="Text to measure the recipes on (default: the part of the scan's text it held out, --split-text).")
+@click.option("--model", type=UserPath(), default=None, help="The scan's model, if it has moved.")
+@click.option("--out", type=UserPath(), default=None, help="Output directory (default: plots/recipe-<scan>).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Threads for llama-* (default: all cores).")
+@LLAMA_ENV
+def recipe(scan_dir, budget, text, model, out, threads, llama_env):
+    """The most zeros for a damage you accept: from a scan (radius or table), a recipe per budget — the
+    groups that take the encoding — written as a file, built, and measured on text the scan never saw."""
+    from . import driver
+    from .study.recipe import parse_budgets
+    budgets = parse_budgets(budget)
+    out_dir, doc = driver.recipe(scan_dir, budgets, out, text,
+                                 driver.Options(threads=threads, llama_env=_llama_env(llama_env)), model=model)
+    for r in doc["recipes"]:
+        v = r["verdict"] or {}
+        click.echo(f"{r['name']}: {len(r['groups'])} groups, zeros {100 * r['zero_fraction']:.2f}%, budget "
+                   f"{v.get('budget', '?')}, additive {v.get('additive', '?')}" + (f" -> {r['file']}" if r["file"] else ""))
+    click.echo(f"report: {out_dir / 'recipe.md'}")
 
 
 @cli.group()

@@ -13,17 +13,18 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import paths, results, scans, texts
+from . import paths, recipes, results, scans, texts
 from .errors import OrchestrateError
 from .fetch import sha256_of
 from .files import check_input_file, read_json
 from .fork import build
 from .fork.build import Fork
 from .hooks.tables import fit, write_table
-from .study import analysis, answers, cache, groups, paired, plan, runs, scan as scan_mod, scores, sequential, tails
+from .study import analysis, answers, cache, groups, paired, plan, recipe as recipe_mod, runs, scan as scan_mod, scores
+from .study import sequential, stats, tails
 from .study.base import Base, cached_histogram, file_id, measured_histogram, needs_upcast, prepare_base, upcast_path
 from .study.display import Display
-from .study.experiment import Experiment, Variant
+from .study.experiment import Experiment, RuleSet, Variant
 from .study.runner import finished_row, kept_model, run_local
 from .study.runs import Inputs, ScoreDir
 from .tools import perplexity, tokenize
@@ -296,6 +297,10 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
     from .report import scan_report
     model, text = _files(model, text)
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{by}-{model.stem}"
+    scanned = held_out = None
+    if opts.split is not None:  # the scan fits (a recipe) on the first part; the rest is held out
+        scanned, held_out = texts.split(text, opts.split)
+        text = scanned.path
     with results.locked(out):
         fork = build.build(quiet=False, backend=opts.backend)
         p = prepare(exp, model, text, replace(opts, kld=True), fork, make_base=True)
@@ -329,6 +334,9 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
                              {"name": ref.name, "type": ref.type, "scores": ref.scores_file}, inp.base, logits,
                              inp.text, inp.text_id, fork, [r.to_dict() for r in rows],
                              [g.to_dict() for g in found])
+        doc["model"] = str(model)
+        doc["scanned"] = texts.record(inp.text, inp.text_id, scanned)
+        doc["held_out"] = texts.record(held_out.path, held_out.sha256, held_out) if held_out else None
         scan_report.write_all(doc, out)
     return out, doc
 
@@ -336,10 +344,12 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
 def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, opts: Options = Options()) -> list[str]:
     """`scan --plan`: the sweep plan of the base, R and E (kept, scored with KLD), then the groups, the most
     chunks they can take, and the time if every group took them all (the most the scan can cost)."""
-    opts = replace(opts, kld=True, keep_models=True)
-    lines = plan_sweep(exp, model, text, opts)
     model, text = _files(model, text)
-    p = prepare(exp, model, _parts(text, opts.split)[0], opts, build.current(opts.backend), make_base=False)
+    if opts.split is not None:  # the scan scores the first part (a sweep, the rest)
+        text = texts.split(text, opts.split)[0].path
+    opts = replace(opts, kld=True, keep_models=True, split=None)
+    lines = plan_sweep(exp, model, text, opts)
+    p = prepare(exp, model, text, opts, build.current(opts.backend), make_base=False)
     inp = p.inp
     if p.upcast:
         return lines + ["scan: the groups are known once the base's F16 upcast exists (run the scan, or a sweep)"]
@@ -358,3 +368,96 @@ def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, o
     return lines + [f"scan: {len(gs)} groups by {by} of the {len(tensors)} {what}; looks after "
                     f"{', '.join(map(str, looks))} chunks; at most {len(gs) * looks[-1]} chunks in all, perplexity "
                     f"{most} if no group stops early; one group model at a time on disk beside R's and E's"]
+
+
+def _options(scan: dict, quantity: str) -> list[recipe_mod.Option]:
+    """A scan's groups as recipe options: each group's effect on quantity, and the zeros it adds
+    (from the reference's and the encoding's histograms, per tensor)."""
+    ref, enc = scan["variants"][1], scan["variants"][2]
+    zeros = []
+    for row in (ref, enc):
+        hist = Path(row["run_dir"]) / "hist.json"
+        if not hist.exists():
+            raise OrchestrateError(f"the scan's {row['name']} histograms ({hist}) are gone from the cache: "
+                                   "run the scan again")
+        zeros.append(stats.tensor_zeros(read_json(hist)))
+    out = []
+    for g in scan["groups"]:
+        e = g["effects"][quantity]
+        gain = sum(zeros[1][t][0] - zeros[0][t][0] for t in g["tensors"] if t in zeros[0] and t in zeros[1])
+        out.append(recipe_mod.Option(g["name"], tuple(g["tensors"]), e["mean"], e["lo"], e["hi"], gain))
+    return out
+
+
+def _recipe_rules(scan: dict, chosen: list[recipe_mod.Option]) -> list[str]:
+    enc = scan["encoding"]
+    setting = (f"Q4_0_RADIUS={enc['radius']}" if enc.get("radius") is not None
+               else f"TABLE_MODE={scan['variants'][2]['table_file']}")
+    return [f"{groups.rule_pattern(t)} {setting}" for o in chosen for t in o.tensors]
+
+
+def recipe(scan_dir: Path, budgets: list[recipe_mod.Budget], out: Path | None, text: Path | None,
+           opts: Options = Options(), model: Path | None = None) -> tuple[Path, dict]:
+    """`orchestrate recipe`: a recipe per budget from a scan, each built and measured on text the scan
+    did not see (its held-out part, or `text`) against the reference and the global encoding."""
+    scan = scans.load(scan_dir)
+    enc = scan["encoding"]
+    if enc.get("radius") is None and enc.get("table") is None:
+        raise OrchestrateError(f"{scan_dir} scans a type ({enc['type']}): recipes are made from radius or table "
+                               "scans (zeros); type mixes (bits) are not supported yet")
+    held = text or (Path(scan["held_out"]["file"]) if scan.get("held_out") else None)
+    if held is None:
+        raise OrchestrateError(f"{scan_dir} was scanned on the whole text: give --text (a text the scan did not "
+                               "see), or scan with --split-text to hold part of it out")
+    held = check_input_file(held, "held-out text")
+    if texts.overlaps(texts.record(held, sha256_of(held)), scan.get("scanned") or {"sha256": scan["text_sha256"]}):
+        raise OrchestrateError(f"{held} is the text the scan was made on: a recipe is measured on other text")
+    model = model or Path(scan.get("model") or scan["base"]["path"])
+    options = _options(scan, budgets[0].quantity)
+    out = Path(out) if out else paths.plots_dir() / f"recipe-{Path(scan_dir).name}"
+    with results.locked(out):
+        return out, _recipe(scan, Path(scan_dir), budgets, out, held, opts, model, options)
+
+
+def _recipe(scan: dict, scan_dir: Path, budgets: list[recipe_mod.Budget], out: Path, held: Path, opts: Options,
+            model: Path, options: list[recipe_mod.Option]) -> dict:
+    from .report import recipe_report
+    enc, ref = scan["encoding"], scan["reference"]
+    made = []
+    for b in budgets:
+        chosen = recipe_mod.choose(options, b.limit)
+        name = f"recipe-{b.quantity}{b.limit:g}"
+        rules = _recipe_rules(scan, chosen)
+        note = (f"{len(chosen)} of {len(options)} groups of {enc['name']} on {ref['type']} for {b.label}, from the "
+                f"scan {Path(scan_dir).resolve()}")
+        path = recipes.write_recipe(out / f"{name}.yaml", name, ref["type"], rules, note) if rules else None
+        made.append({"name": name, "budget": {"quantity": b.quantity, "limit": b.limit}, "file": str(path) if path else None,
+                     "groups": [o.group for o in chosen], "gain": sum(o.gain for o in chosen),
+                     "predicted": recipe_mod.predicted(chosen), "rules": len(rules)})
+    built = [r for r in made if r["file"]]
+    exp = Experiment(f"verify-{Path(scan_dir).name}", types=[ref["type"]], ctx=scan["settings"]["ctx"],
+                     chunks=scan["settings"]["chunks"], radius=[enc["radius"]] if enc.get("radius") is not None else [],
+                     tables=[scan["variants"][2]["table_file"]] if enc.get("table") else [],
+                     rules=[RuleSet(r["name"], ref["type"], tensors=tuple(recipes.read_recipe(Path(r["file"]))[2]))
+                            for r in built])
+    _, sweep_doc = sweep(exp, model, held, out / "verify", replace(opts, kld=True), reference=ref["name"])
+    rows = {r["name"]: r for r in sweep_doc["variants"]}
+    vs = sweep_doc["paired"].get("vs_reference", {})
+    for r in made:
+        q = r["budget"]["quantity"]
+        measured = vs.get(r["name"], {}).get(q) if r["file"] else {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+        r["measured"] = measured
+        r["zero_fraction"] = rows[r["name"]]["zero_fraction"] if r["file"] else rows[ref["name"]]["zero_fraction"]
+        r["verdict"] = recipe_mod.verdict(r["predicted"], measured, r["budget"]["limit"]) if measured else None
+    doc = {"scan": str(Path(scan_dir).resolve()), "scan_sha256": sha256_of(Path(scan_dir) / scans.FILE),
+           "encoding": enc, "reference": ref, "quantity": budgets[0].quantity,
+           "texts": {"scan": {"file": scan["text"], "sha256": scan["text_sha256"]},
+                     "verify": texts.record(held, sha256_of(held))},
+           "recipes": made,
+           "globals": {n: {"zero_fraction": rows[n]["zero_fraction"],
+                           "measured": vs.get(n, {}).get(budgets[0].quantity) if n != ref["name"] else None}
+                       for n in (ref["name"], enc["name"]) if n in rows},
+           "verify": str(out / "verify")}
+    recipes.write(out, doc)
+    recipe_report.write_all(doc, out)
+    return doc

@@ -10,7 +10,7 @@ import orchestrator
 PKG = Path(orchestrator.__file__).parent
 # top to bottom; a module of a layer imports only layers after its own (and its own folder)
 LAYERS = [{"__main__"}, {"cli"}, {"driver"}, {"report"}, {"study"}, {"tools"}, {"hooks"}, {"fork"},
-          {"demo", "fetch", "results", "scans", "taskfiles", "cloze", "documents", "parse", "proc", "stream", "files", "paths", "errors"}]
+          {"demo", "fetch", "results", "scans", "recipes", "taskfiles", "cloze", "texts", "documents", "parse", "proc", "stream", "files", "paths", "errors"}]
 
 
 def layer(module: str) -> int:

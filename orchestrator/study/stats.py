@@ -176,6 +176,11 @@ def zero_stats(hist: dict, main_type: str | None) -> tuple[float | None, float |
     return zeros / m["elements"], isolated
 
 
+def tensor_zeros(hist: dict) -> dict[str, tuple[int, int]]:
+    """(stored zeros, elements) of every tensor the hooks counted, by name."""
+    return {t["name"]: (_zeros(hist, t), t["elements"]) for t in hist.get("tensors", []) if t.get("values")}
+
+
 def _counted(hist: dict, main_type: str | None) -> dict | None:
     """The hooks' whole-model histogram of the main type, if they counted any of it."""
     m = hist.get("model", {}).get((main_type or "").lower())

@@ -1,0 +1,53 @@
+"""A recipe's files: the one owner of their format.
+
+- `<name>.yaml`: the recipe itself, as an experiment file with one `rules:` variant (a type, and a
+  TENSOR rule per tensor that takes the encoding), so that `orchestrate sweep --config` sweeps it and
+  `orchestrate quantize --recipe` builds it.
+- `recipe.json`: what the recipes were made from and what became of them (schema below): the scan, the
+  texts, the budgets, each recipe's groups, its predicted and measured effects and the verdicts.
+"""
+
+from pathlib import Path
+
+import yaml
+
+from .documents import load_yaml
+from .errors import OrchestrateError
+from .files import read_json, write_atomic, write_json
+
+SCHEMA = "orchestrate.recipe/1"
+FILE = "recipe.json"
+
+
+def write_recipe(path: Path, name: str, qtype: str, rules: list[str], description: str) -> Path:
+    doc = {"name": name, "description": description, "rules": {name: {"type": qtype, "tensors": rules}}}
+    write_atomic(path, "# an orchestrate recipe: `orchestrate quantize --recipe` builds it, `orchestrate sweep "
+                       "--config` sweeps it\n" + yaml.safe_dump(doc, sort_keys=False, width=120))
+    return path
+
+
+def read_recipe(path: Path) -> tuple[str, str, list[str]]:
+    """(name, type, rules) of a recipe file, checked."""
+    doc = load_yaml(Path(path), "recipe")
+    rules = doc.get("rules") if isinstance(doc, dict) else None
+    if not isinstance(rules, dict) or len(rules) != 1:
+        raise OrchestrateError(f"{path} is not a recipe (one `rules:` variant)")
+    (name, spec), = rules.items()
+    if (not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or not isinstance(spec.get("tensors"), list)
+            or not all(isinstance(t, str) for t in spec["tensors"])):
+        raise OrchestrateError(f"{path}: the recipe's variant needs a type and a list of tensor rules")
+    return str(name), spec["type"], spec["tensors"]
+
+
+def write(out: Path, doc: dict) -> None:
+    write_json(Path(out) / FILE, {"schema": SCHEMA, **doc})
+
+
+def load(directory: Path) -> dict:
+    path = Path(directory) / FILE
+    if not path.exists():
+        raise OrchestrateError(f"{directory} has no {FILE} (not a recipe directory)")
+    doc = read_json(path)
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise OrchestrateError(f"{path} is not a recipe document of this version ({SCHEMA})")
+    return doc

@@ -1,0 +1,91 @@
+"""A recipe's report and frontier figure, from recipe.json: each budget's recipe, its predicted and
+measured effect (held-out text) with intervals, whether it kept its budget and whether the additive
+prediction held, against the reference and the global encoding on the same axes."""
+
+from pathlib import Path
+
+from ..files import write_atomic
+from .plots import _save, plt
+
+LABEL = {"kld": "mean KLD − reference's", "nll": "ln(PPL / PPL reference)"}
+
+
+def _ci(c: dict | None, fmt: str = "+.4f") -> str:
+    if not c:
+        return "–"
+    if c.get("lo") is None:
+        return f"{c['mean']:{fmt}} (no interval)"
+    return f"{c['mean']:{fmt}} [{c['lo']:{fmt}}, {c['hi']:{fmt}}]"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def fig_frontier(doc: dict, out: Path) -> str:
+    """Zeros against the measured effect: every recipe with its interval (hollow: the prediction), and the
+    reference and the global encoding."""
+    fig, ax = plt.subplots(figsize=(7, 4.6), layout="constrained")
+    for i, r in enumerate(doc["recipes"]):
+        m, p = r["measured"], r["predicted"]
+        if m:
+            err = None if m.get("lo") is None else [[m["mean"] - m["lo"]], [m["hi"] - m["mean"]]]
+            ax.errorbar(100 * r["zero_fraction"], m["mean"], yerr=err, fmt="o", color="C0", capsize=3,
+                        label="recipe, measured on held-out text" if i == 0 else None)
+        if p and p.get("lo") is not None:
+            ax.errorbar(100 * r["zero_fraction"], p["mean"], yerr=[[p["mean"] - p["lo"]], [p["hi"] - p["mean"]]],
+                        fmt="o", mfc="none", color="C1", capsize=3, alpha=0.8, label="recipe, predicted" if i == 0 else None)
+        ax.axhline(r["budget"]["limit"], color="0.6", lw=0.8, ls=":")
+        ax.annotate(r["name"], (100 * r["zero_fraction"], m["mean"] if m else 0), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    for n, g in doc["globals"].items():
+        y = g["measured"]["mean"] if g["measured"] else 0.0
+        ax.plot(100 * g["zero_fraction"], y, "s", color="C3", ms=6)
+        ax.annotate(f"{n} (global)", (100 * g["zero_fraction"], y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.set_xlabel("zeros among the main type's values (%)")
+    ax.set_ylabel(f"{LABEL[doc['quantity']]} (held-out text)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(f"Recipes of {doc['encoding']['name']} on {doc['reference']['name']}: zeros against damage "
+                 "(dotted: the budgets)", fontsize=9)
+    return _save(fig, out, "frontier")
+
+
+def render(doc: dict, figure: str) -> str:
+    q = doc["quantity"]
+    lines = [f"# Recipes: {doc['encoding']['name']} on {doc['reference']['name']}", "",
+             f"- Scan: `{doc['scan']}` (on `{doc['texts']['scan']['file']}`)",
+             f"- Measured on: `{doc['texts']['verify']['file']}` (sha256 `{doc['texts']['verify']['sha256'][:16]}…`), "
+             "text the scan did not see; the verifying sweep is in `verify/`", "",
+             "Each recipe takes the encoding on the groups of most zeros whose scanned effects sum to at most the "
+             f"budget ({LABEL[q]}). *Predicted*: that sum, its interval the groups' half-widths combined in "
+             "quadrature (assumes their errors independent). *Measured*: the recipe's model against the reference "
+             "on the held-out text, paired by token, 95% bootstrap interval over chunks. *Additive*: whether the "
+             "two intervals meet.", "",
+             "| recipe | groups | zeros | predicted | measured | budget | additive |", "|---|---|---|---|---|---|---|"]
+    recipes = doc["recipes"]
+    for i, r in enumerate(recipes):
+        v = r["verdict"] or {}
+        lines.append(f"| `{r['name']}` | {len(r['groups'])} | {_pct(r['zero_fraction'])} | {_ci(r['predicted'])} | "
+                     f"{_ci(r['measured'])} | {v.get('budget', '–')} | {v.get('additive', '–')} |")
+    for n, g in doc["globals"].items():
+        lines.append(f"| `{n}` (global) | – | {_pct(g['zero_fraction'])} | – | "
+                     f"{_ci(g['measured']) if g['measured'] else '0 (the reference)'} | – | – |")
+    lines.append("")
+    for i, r in enumerate(recipes):
+        if r["verdict"] and r["verdict"]["budget"] == "broken":
+            down = next((x for x in reversed(recipes[:i]) if x["verdict"] and x["verdict"]["budget"] == "kept"), None)
+            lines.append(f"- **`{r['name']}` broke its budget on the held-out text.** "
+                         + (f"The next recipe down that kept its own is `{down['name']}` ({down['file']})."
+                            if down else "No smaller recipe kept its budget: try a smaller one."))
+        spared = [g for g in doc["recipes"][-1]["groups"] if g not in r["groups"]] if r is not recipes[-1] else []
+        lines.append(f"- `{r['name']}` ({r['file'] or 'no group fits: the reference itself'}) encodes "
+                     f"{', '.join(r['groups']) or 'nothing'}"
+                     + (f"; it spares {', '.join(spared)}, which the largest budget takes" if spared else ""))
+    lines += ["", f"![frontier]({figure})", ""]
+    return "\n".join(lines)
+
+
+def write_all(doc: dict, out: Path) -> None:
+    figure = fig_frontier(doc, Path(out))
+    write_atomic(Path(out) / "recipe.md", render(doc, figure))
