@@ -81,3 +81,40 @@ def test_recipe_file_round_trip(tmp_path):
     (tmp_path / "bad.yaml").write_text("rules: {a: {type: Q4_0}}\n")
     with pytest.raises(OrchestrateError, match="needs a type and a list"):
         recipes.read_recipe(tmp_path / "bad.yaml")
+
+
+def test_recipes_from_a_demo_scan_are_built_and_measured_on_held_out_text(fork, demo_base, tmp_path):
+    import json
+    from pathlib import Path
+
+    from conftest import orchestrate
+    from orchestrator.study import analysis
+    scan = orchestrate("scan", "--radius", "1", "--by", "kind", "--ctx", "128", "--chunks", "16", "--threads", "2",
+                       "--split-text", "0.5", "--out", "scan", cwd=tmp_path)
+    assert scan.returncode == 0, scan.stderr[-3000:]
+    res = orchestrate("recipe", "scan", "--budget", "kld=0.1,0.3", "--threads", "2", "--out", "rec", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = recipes.load(tmp_path / "rec")
+    scanned = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert doc["texts"]["verify"]["sha256"] == scanned["held_out"]["sha256"] != scanned["text_sha256"]
+    small, large = doc["recipes"]
+    for r in (small, large):
+        print(r["name"], r["groups"], r["predicted"], r["measured"], r["verdict"], r["zero_fraction"])
+        assert r["predicted"]["mean"] <= r["budget"]["limit"] and r["measured"]["lo"] is not None
+        assert r["verdict"]["budget"] in ("kept", "broken", "not decided (the interval straddles the limit)")
+    assert set(small["groups"]) <= set(large["groups"]) or small["gain"] <= large["gain"]
+    ref = doc["globals"]["q4_0"]["zero_fraction"]
+    assert ref < small["zero_fraction"] <= large["zero_fraction"] < doc["globals"]["q4_0-r1"]["zero_fraction"]
+    assert "| `recipe-kld0.1` |" in (tmp_path / "rec" / "recipe.md").read_text() and (tmp_path / "rec" / "frontier.png").exists()
+    # the recipe file, given to quantize, makes the very tensors the recipe's own build had
+    rows = {r["name"]: r for r in json.loads((tmp_path / "rec" / "verify" / "results.json").read_text())["variants"]}
+    made = orchestrate("quantize", demo_base, tmp_path / "mine.gguf", "Q4_0", "--recipe", large["file"],
+                       "--threads", "2", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert analysis.scan(tmp_path / "mine.gguf")["tensor_key"] == rows[large["name"]]["tensor_key"]
+    wrong = orchestrate("quantize", demo_base, tmp_path / "x.gguf", "Q8_0", "--recipe", large["file"])
+    assert wrong.returncode == 1 and "is a Q4_0 recipe" in wrong.stderr
+    # a recipe is never measured on the text it was made on
+    again = orchestrate("recipe", "scan", "--budget", "kld=0.1", "--text", Path(scanned["text"]), "--out", "r2",
+                        cwd=tmp_path)
+    assert again.returncode == 1 and "the text the scan was made on" in again.stderr

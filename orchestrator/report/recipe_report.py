@@ -32,8 +32,8 @@ def fig_frontier(doc: dict, out: Path) -> str:
             err = None if m.get("lo") is None else [[m["mean"] - m["lo"]], [m["hi"] - m["mean"]]]
             ax.errorbar(100 * r["zero_fraction"], m["mean"], yerr=err, fmt="o", color="C0", capsize=3,
                         label="recipe, measured on held-out text" if i == 0 else None)
-        if p and p.get("lo") is not None:
-            ax.errorbar(100 * r["zero_fraction"], p["mean"], yerr=[[p["mean"] - p["lo"]], [p["hi"] - p["mean"]]],
+        if p and p.get("lo") is not None:  # (a little to the right of the measurement, to be seen)
+            ax.errorbar(100 * r["zero_fraction"] + 0.25, p["mean"], yerr=[[p["mean"] - p["lo"]], [p["hi"] - p["mean"]]],
                         fmt="o", mfc="none", color="C1", capsize=3, alpha=0.8, label="recipe, predicted" if i == 0 else None)
         ax.axhline(r["budget"]["limit"], color="0.6", lw=0.8, ls=":")
         ax.annotate(r["name"], (100 * r["zero_fraction"], m["mean"] if m else 0), fontsize=7, xytext=(4, 4),
