@@ -142,3 +142,35 @@ def test_optimal_and_balanced_fits_reach_the_exact_optimum(kind):
     assert tables.expected_sq_error(tables.fit_optimal(h), h) == pytest.approx(best_error, rel=1e-9, abs=1e-12)
     best_balance = exact_partition(lambda a, b: (p[a:b + 1].sum() - 1 / 16) ** 2)
     assert partition_cost(tables.fit_balanced(h), h) == pytest.approx(best_balance, rel=1e-9, abs=1e-15)
+
+
+# The standard 4-bit codebooks, against independent sources
+NF4_PUBLISHED = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                 0.7229568362236023, 1.0]  # QLoRA's NF4 table (bitsandbytes), as published
+
+
+def test_nf4_levels_are_the_normal_quantiles_qlora_publishes():
+    assert tables.nf4_levels() == pytest.approx(NF4_PUBLISHED, abs=2e-6)
+    assert tables.codebook_levels("nf4") == [round(127 * v) for v in NF4_PUBLISHED]
+
+
+def test_iq4nl_levels_are_ggmls(fork):
+    import re
+    src = (fork.build_dir.parent / "llama.cpp" / "ggml" / "src" / "ggml-common.h").read_text()
+    body = re.search(r"kvalues_iq4nl, 16\)\s*([-\d,\s]+)GGML_TABLE_END", src).group(1)
+    assert tables.codebook_levels("iq4nl") == [int(x) for x in body.replace(",", " ").split()]
+
+
+@pytest.mark.parametrize("name", ["nf4", "iq4nl", "uniform"])
+def test_codebook_tables_encode_each_value_as_its_nearest_level(name):
+    shipped = conf.load_table(Path(conf.__file__).parents[2] / "conf" / "tables" / f"{name}.table")
+    levels = np.array(tables.codebook_levels(name))
+    assert list(shipped.level) == list(levels)
+    for v in range(-128, 128):
+        code = next(k for k in range(16) if shipped.lo[k] <= v <= shipped.hi[k])
+        distance = np.abs(levels - v)
+        assert distance[code] == distance.min() and (code == 0 or distance[code - 1] > distance[code]), (name, v)
+    if name == "uniform":
+        assert len(set(np.diff(levels))) <= 2 and levels[0] == -127 and levels[-1] == 127  # steps of 16.9, rounded

@@ -124,6 +124,44 @@ def write_table(table: Table, path: Path, note: str) -> Table:
 
 FITTED = ("balanced-fit", "optimal")
 
+# The standard 4-bit codebooks as tables on the Q8_0 grid. A Q8_0 block stores q = round(w / d) with
+# d = absmax / 127, so the grid spans the block's absmax as +-127; each codebook's levels are put on it
+# at that scale, and every int8 value is encoded as its nearest level (ties to the level nearer -128).
+IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
+NF4_OFFSET = 0.9677083  # QLoRA's: the outermost normal quantile used, so that +-1 are the extreme levels
+
+
+def nf4_levels() -> list[float]:
+    """NF4's 16 levels in [-1, 1] (QLoRA): 8 positive and 7 negative quantiles of the standard normal,
+    evenly spaced in probability between NF4_OFFSET and 1/2, zero, each side scaled to its extreme."""
+    from statistics import NormalDist
+    q = NormalDist().inv_cdf
+    pos = [q(NF4_OFFSET + (0.5 - NF4_OFFSET) * i / 8) for i in range(8)]   # 8 from the outermost inwards
+    neg = [-q(NF4_OFFSET + (0.5 - NF4_OFFSET) * i / 7) for i in range(7)]  # 7
+    top = max(pos)
+    return sorted([v / top for v in pos + neg] + [0.0])
+
+
+def codebook_levels(name: str) -> list[int]:
+    """The int8 levels of a built-in codebook: nf4 (NF4's levels x 127, rounded), iq4nl (IQ4_NL's own
+    int8 values: it, too, spans the block's absmax as 127 — its own quantizer also searches the block
+    scale, which a table on Q8_0's fixed scale does not), uniform (16 evenly spaced levels over -127..127)."""
+    if name == "nf4":
+        return [round(127 * v) for v in nf4_levels()]
+    if name == "iq4nl":
+        return list(IQ4NL)
+    if name == "uniform":
+        return [round(-127 + 254 * i / 15) for i in range(16)]
+    raise ValueError(f"no built-in codebook {name}")
+
+
+def nearest_table(name: str, levels: list[int]) -> Table:
+    """The table that encodes every int8 value as its nearest level."""
+    levels = sorted(levels)
+    his = [(a + b) // 2 for a, b in zip(levels, levels[1:])] + [127]  # a tie goes to the lower level
+    los = [-128] + [h + 1 for h in his[:-1]]
+    return Table(name, Path(name), tuple(los), tuple(his), tuple(levels))
+
 
 def fit(name: str, hist) -> Table:
     return {"balanced-fit": fit_balanced, "optimal": fit_optimal}[name](hist, name)
