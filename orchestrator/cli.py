@@ -359,6 +359,9 @@ def quantize(base, out, qtype, mode, radius, table, rules, recipe_file, hist, th
 @click.option("--keep-models", is_flag=True, help="Keep the quantized models after scoring.")
 @click.option("--split-text", "split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="SHARE", help="Hold back the first SHARE of the text for fitting and score only the rest.")
+@click.option("--imatrix", "use_imatrix", is_flag=True,
+              help="Also quantize every variant with an importance matrix made on the held-back text (its -imat "
+                   "twin; --split-text 0.5 unless given). Types that need one become possible.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for llama-* (default: all cores).")
 @click.option("--damage", "damage_variant", default=None,
               help="Variant whose per-tensor weight error is drawn as a heat-map (default: the largest radius).")
@@ -375,14 +378,15 @@ def quantize(base, out, qtype, mode, radius, table, rules, recipe_file, hist, th
 @click.option("--gpu-layers", type=click.IntRange(0), default=None,
               help="Layers llama-perplexity offloads to the GPU (-ngl; default: all, with a GPU backend).")
 @LLAMA_ENV
-def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, tasks, keep_models, split, threads, damage_variant,
+def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, tasks, keep_models, split, use_imatrix,
+          threads, damage_variant,
           reference, executor, ray_address, plan_only, force, backend, gpu_layers, llama_env):
     """Quantize and score every variant of an experiment; write results, figures and a report."""
     from . import driver
     from .study import experiment
     from .study.runner import run_local
     exp = experiment.override(experiment.load_experiment(config), radius=radius, tables=tables, types=types,
-                              ctx=ctx, chunks=chunks, tasks=tasks)
+                              ctx=ctx, chunks=chunks, tasks=tasks, imatrix=use_imatrix)
     opts = driver.Options(kld=kld, keep_models=keep_models, threads=threads, llama_env=_llama_env(llama_env),
                           backend=backend, gpu_layers=gpu_layers, split=split)
     if plan_only:
@@ -557,6 +561,33 @@ def recipe(scan_dir, budget, text, model, out, threads, llama_env):
         click.echo(f"{r['name']}: {len(r['groups'])} groups, zeros {100 * r['zero_fraction']:.2f}%, budget "
                    f"{v.get('budget', '?')}, additive {v.get('additive', '?')}" + (f" -> {r['file']}" if r["file"] else ""))
     click.echo(f"report: {out_dir / 'recipe.md'}")
+
+
+@cli.command("imatrix")
+@click.option("--model", type=UserPath(), default=None, help="Base model GGUF (default: the built-in demo model).")
+@click.option("--text", type=UserPath(), default=None, help="Calibration text (default: the demo text).")
+@click.option("--split-text", "split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+              show_default=True, metavar="SHARE", help="Calibrate on the first SHARE of the text (what a sweep "
+              "with --imatrix holds back); 1 is not allowed: use --text with a text of its own.")
+@click.option("--ctx", type=click.IntRange(16), default=512, show_default=True)
+@click.option("--chunks", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None)
+@LLAMA_ENV
+def imatrix_cmd(model, text, split, ctx, chunks, threads, llama_env):
+    """Make (or find in the cache) the importance matrix of MODEL on the first part of TEXT, as a sweep
+    with --imatrix does; print its path (for `orchestrate quantize ... -- --imatrix FILE`)."""
+    import os
+
+    from . import driver, texts
+    from .study.base import prepare_base
+    from .tools import imatrix
+    model, text = driver.model_and_text(model, text)
+    fit = texts.split(text, split)[0]
+    fork = build_mod.build(quiet=True)
+    b = prepare_base(model, fork)
+    im = imatrix.make(fork, b.path, b.sha256, fit.path, fit.sha256, ctx, chunks, threads or os.cpu_count() or 1,
+                      _llama_env(llama_env), paths.cache_dir(), say=lambda what: click.echo(what, err=True))
+    click.echo(im.path)
 
 
 @cli.group()

@@ -27,7 +27,8 @@ from .study.display import Display
 from .study.experiment import Experiment, RuleSet, Variant
 from .study.runner import finished_row, kept_model, run_local
 from .study.runs import Inputs, ScoreDir
-from .tools import perplexity, tokenize
+from .tools import imatrix, perplexity, tokenize
+from .tools.imatrix import Imatrix
 from .tools.quantize import canonical_type, needs_imatrix, planned_types
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Prepared:
     chunks: int              # chunks llama-perplexity will score
 
 
-def _files(model: Path | None, text: Path | None) -> tuple[Path, Path]:
+def model_and_text(model: Path | None, text: Path | None) -> tuple[Path, Path]:
     """The model and text of a study (the demo's by default), checked to be readable files."""
     from . import demo
     for what, given in (("model", model), ("text", text)):  # the user's, before fetching any default
@@ -74,13 +75,16 @@ def _parts(text: Path, split: float | None) -> tuple[Path, texts.Part | None, te
 
 
 def text_record(inp: Inputs, variants: list[Variant], fit_part: texts.Part | None,
-                score_part: texts.Part | None) -> dict:
+                score_part: texts.Part | None, im: Imatrix | None = None) -> dict:
     """Which text scored this sweep, and what was fitted on what (results.json's texts)."""
     fits = []
+    if im is not None:
+        fits.append({"for": f"Fitted the importance matrix `{im.path.name}`",
+                     **texts.record(im.text, im.text_sha256, fit_part)})
     fitted = sorted({v.fit for v in variants if v.fit})
     if fitted:
         fits.append({"for": f"Fitted the tables {', '.join(fitted)}", "from": "the base's Q8_0 weights (no text)"})
-    if fit_part:
+    if fit_part and im is None:
         fits.append({"for": "Held back for fitting (nothing in this sweep fits on text)",
                      **texts.record(fit_part.path, fit_part.sha256, fit_part)})
     return {"score": texts.record(inp.text, inp.text_id, score_part), "fit": fits,
@@ -111,12 +115,29 @@ def prepare(exp: Experiment, model: Path, text: Path, opts: Options, fork: Fork,
     return Prepared(exp, model, inp, upcast, chunks)
 
 
-def _check_imatrix(p: Prepared) -> None:
+def _check_imatrix(p: Prepared) -> set[str]:
+    """The types that need an importance matrix; an error when some do and the study has none."""
     need = [t for t in p.exp.types if needs_imatrix(p.inp.fork, p.inp.base.path, p.inp.base.sha256, t)]
-    if need:
+    if need and not p.exp.imatrix:
         raise OrchestrateError(f"{', '.join(need)} need{'s' if len(need) == 1 else ''} an importance matrix "
-                               f"for {p.model.name} (llama-quantize decides this per tensor); "
-                               "orchestrate does not pass one: leave out " + ", ".join(need))
+                               f"for {p.model.name} (llama-quantize decides this per tensor): add --imatrix, or "
+                               "leave out " + ", ".join(need))
+    return set(need)
+
+
+def with_imatrix(variants: list[Variant], unfit: dict, im: Imatrix | None,
+                 need: set[str]) -> tuple[list[Variant], dict]:
+    """Every variant but the base also with the importance matrix (its "-imat" twin); the types that
+    need one, only so."""
+    if im is None:
+        return variants, unfit
+    out = []
+    for v in variants:
+        if v.kind == "base" or v.qtype not in need:
+            out.append(v)
+        if v.kind != "base":
+            out.append(replace(v, name=f"{v.name}-imat", imatrix=im))
+    return out, {**unfit, **{f"{n}-imat": why for n, why in unfit.items()}}
 
 
 def kld_size_estimate(base: Path, chunks: int, ctx: int) -> int | None:
@@ -209,14 +230,19 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
         raise OrchestrateError(f"--reference {reference}: no such variant in {exp.name} "
                                f"(variants: {', '.join(names)})")
     reference = reference or default_reference(names)
-    model, text = _files(model, text)
+    model, text = model_and_text(model, text)
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{model.stem}"
-    text, fit_part, score_part = _parts(text, opts.split)
+    # an importance matrix is made on text the sweep does not score: half of it, unless told otherwise
+    text, fit_part, score_part = _parts(text, opts.split if opts.split is not None or not exp.imatrix else 0.5)
     with results.locked(out):
         fork = build.build(quiet=False, backend=opts.backend)
         p = prepare(exp, model, text, opts, fork, make_base=True)
-        _check_imatrix(p)
+        imatrix_types = _check_imatrix(p)
         inp = p.inp
+        im = None
+        if p.exp.imatrix:
+            im = imatrix.make(fork, inp.base.path, inp.base.sha256, fit_part.path, fit_part.sha256, inp.ctx,
+                              p.chunks, inp.threads, inp.llama_env, inp.cache, say=logger.info)
         if inp.kld:
             size = kld_size_estimate(inp.base.path, p.chunks, inp.ctx)
             logger.info("note: --kld stores the base's logits once (%s) under %s",
@@ -225,7 +251,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
             todo = [v for v in p.exp.variants() if not finished_row(inp, v)]
             need = _disk_need(p, todo, opts.keep_models, inp.base.path.stat().st_size, plan.history(inp.cache))
             plan.refuse_if_too_big(need, inp.cache, force)
-        variants, unfit = with_tables(p.exp, inp, out)
+        variants, unfit = with_imatrix(*with_tables(p.exp, inp, out), im, imatrix_types)
         rows = execute(variants, inp, opts.keep_models, Display(variants), unfit,
                        functools.partial(cache.record, sweep=out))
         rows = [runs.export(row, out) for row in rows]
@@ -237,7 +263,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
                                analysis.measurement())
         doc["paired"], doc["tails"] = compared, tail
         doc["tasks"] = task_answers(rows, inp.tasks, reference)
-        doc["texts"] = text_record(inp, variants, fit_part, score_part)
+        doc["texts"] = text_record(inp, variants, fit_part, score_part, im)
         report.write_all(doc, out, damage_variant)
     return out, doc
 
@@ -245,7 +271,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
 def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Options = Options()) -> list[str]:
     """`sweep --plan`: the variants, which are cached, the disk at the peak against the free space,
     and the time, without running the sweep (at most a one-chunk calibration of the base)."""
-    model, text = _files(model, text)
+    model, text = model_and_text(model, text)
     p = prepare(exp, model, _parts(text, opts.split)[0], opts, build.current(opts.backend), make_base=False)
     inp = p.inp
     params = plan.model_params(p.model)
@@ -295,7 +321,7 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
     """`orchestrate scan`: exp holds the reference (a stock type) and the encoding (a radius or a table
     on that type); each group of the tensors the encoding changes is scored alone, adaptively."""
     from .report import scan_report
-    model, text = _files(model, text)
+    model, text = model_and_text(model, text)
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{by}-{model.stem}"
     scanned = held_out = None
     if opts.split is not None:  # the scan fits (a recipe) on the first part; the rest is held out
@@ -344,7 +370,7 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
 def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, opts: Options = Options()) -> list[str]:
     """`scan --plan`: the sweep plan of the base, R and E (kept, scored with KLD), then the groups, the most
     chunks they can take, and the time if every group took them all (the most the scan can cost)."""
-    model, text = _files(model, text)
+    model, text = model_and_text(model, text)
     if opts.split is not None:  # the scan scores the first part (a sweep, the rest)
         text = texts.split(text, opts.split)[0].path
     opts = replace(opts, kld=True, keep_models=True, split=None)

@@ -27,7 +27,7 @@ from . import patches, upstream
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ["llama-quantize", "llama-perplexity", "llama-tokenize"]  # the shared libraries come with them
+TARGETS = ["llama-quantize", "llama-perplexity", "llama-tokenize", "llama-imatrix"]  # the shared libraries come with them
 CMAKE_OPTIONS = [
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=ON",

@@ -110,6 +110,7 @@ def worker_inputs(inp: Inputs, variants: list[Variant]) -> Inputs:
     files = [("base model", inp.base.path, inp.base.sha256, file_id), ("text", inp.text, inp.text_id, sha256_of)]
     files += [("table", v.table.path, None, None) for v in variants if v.table]
     files += [(f"task file ({t.mode})", t.path, t.sha256, sha256_of) for t in inp.tasks]
+    files += [("importance matrix", v.imatrix.path, v.imatrix.sha256, sha256_of) for v in variants if v.imatrix]
     for what, path, sha, digest in files:
         if not os.access(path, os.R_OK) or not Path(path).is_file():
             raise OrchestrateError(f"node {node} cannot read the {what} {path} "

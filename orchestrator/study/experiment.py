@@ -16,9 +16,10 @@ from ..files import check_name
 from ..hooks.conf import STOCK, Hooks, Table, rule_arg, table_arg
 from ..hooks.tables import FITTED
 from ..taskfiles import TaskFile, parse_spec
+from ..tools.imatrix import Imatrix
 
 EXPERIMENT = Hooks(True)  # the experiments' mode with nothing set (a table is fitted in later)
-KEYS = {"name", "description", "types", "tables", "radius", "rules", "perplexity", "tasks"}
+KEYS = {"name", "description", "types", "tables", "radius", "rules", "perplexity", "tasks", "imatrix"}
 RULE_KEYS = {"type", "radius", "table", "tensors"}
 PPL_KEYS = {"ctx", "chunks"}
 
@@ -30,6 +31,7 @@ class Variant:
     qtype: str | None = None   # llama-quantize type; None for the base
     hooks: Hooks = STOCK       # what the hooks do to its values
     fit: str | None = None     # a table fitted to the base at sweep time (balanced-fit, optimal)
+    imatrix: Imatrix | None = None  # the importance matrix llama-quantize is given
 
     @property
     def radius(self) -> int | None:
@@ -47,6 +49,8 @@ class Variant:
         """Everything about the variant that determines its weights (part of its run key)."""
         spec = {"name": self.name, "kind": self.kind, "type": self.qtype, "mode": self.hooks.mode,
                 "radius": self.radius, "table": _table_spec(self.table)}
+        if self.imatrix:  # (absent otherwise, as the rules)
+            spec["imatrix"] = self.imatrix.sha256
         if self.hooks.rules:  # (absent otherwise: the keys of earlier runs stay as they were)
             spec["default_radius"] = self.hooks.radius
             spec["rules"] = [{"pattern": r.pattern, "radius": r.radius, "table_set": r.table_set,
@@ -81,6 +85,7 @@ class Experiment:
     description: str = ""
     table_dir: Path = field(default_factory=Path.cwd)  # what relative table files are relative to
     tasks: tuple[TaskFile, ...] = ()  # multiple-choice tasks every variant answers
+    imatrix: bool = False             # also every variant with an importance matrix (its "-imat" twin)
 
     def variants(self) -> list[Variant]:
         out = [Variant("base", "base")]
@@ -170,9 +175,17 @@ def load_experiment(path: Path | None = None) -> Experiment:
                      ctx=ppl.get("ctx", 512),
                      chunks=ppl.get("chunks", 20), description=(data.get("description") or "").strip(),
                      table_dir=path.resolve().parent,
-                     tasks=parse_tasks(str_list("tasks"), path.resolve().parent))
+                     tasks=parse_tasks(str_list("tasks"), path.resolve().parent),
+                     imatrix=_flag(path, data, "imatrix"))
     exp.variants()  # resolves the tables now: a bad name is an error before any work starts
     return exp
+
+
+def _flag(path: Path, data: dict, key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise OrchestrateError(f"{path}: {key} must be true or false")
+    return value
 
 
 def _rule_sets(path: Path, data) -> list[RuleSet]:
@@ -211,9 +224,10 @@ def parse_tasks(specs, relative_to: Path) -> tuple[TaskFile, ...]:
 
 
 def override(exp: Experiment, radius: str | None = None, tables: str | None = None, types: str | None = None,
-             ctx: int | None = None, chunks: int | None = None, tasks: tuple[str, ...] = ()) -> Experiment:
+             ctx: int | None = None, chunks: int | None = None, tasks: tuple[str, ...] = (),
+             imatrix: bool = False) -> Experiment:
     """The experiment with command-line selections applied (tasks given replace the experiment's)."""
-    changes = {}
+    changes = {"imatrix": True} if imatrix else {}
     if tasks:
         changes["tasks"] = parse_tasks(tasks, Path.cwd())
     if radius is not None:

@@ -36,6 +36,7 @@ class KldBase:
 def _quantize_step(inp: Inputs, v: Variant, run: RunDir, step) -> dict:
     try:
         res = run_quantize(inp.fork, inp.base.path, run.model, v.qtype, v.hooks, hist=run.hist, threads=inp.threads,
+                           extra=["--imatrix", str(v.imatrix.path)] if v.imatrix else [],
                            progress=False, log_path=run.quantize_log, env=inp.llama_env,
                            on_tensor=lambda k, n: step(v, f"quantize, {k}/{n} tensors", detail=True))
     except OrchestrateError as e:
