@@ -19,10 +19,12 @@ from .fetch import sha256_of
 from .files import check_input_file, read_json
 from .fork import build
 from .fork.build import Fork
-from .hooks.tables import fit, write_table
+from .hooks.conf import Rule
+from .hooks.tables import FITTED, fit, fit_optimal, write_table
 from .study import analysis, answers, cache, groups, paired, plan, recipe as recipe_mod, runs, scan as scan_mod, scores
 from .study import sequential, stats, tails
-from .study.base import Base, cached_histogram, file_id, measured_histogram, needs_upcast, prepare_base, upcast_path
+from .study.base import (Base, cached_histogram, file_id, measured_histogram, needs_upcast, prepare_base, tensor_histograms,
+                         upcast_path, weighted_histogram)
 from .study.display import Display
 from .study.experiment import Experiment, RuleSet, Variant
 from .study.runner import finished_row, kept_model, run_local
@@ -155,28 +157,48 @@ def _disk_need(p: Prepared, todo: list[Variant], keep_models: bool, base_bytes: 
     return plan.disk_need(base_bytes, [v.qtype for v in todo if v.kind != "base"], keep_models, logits, p.upcast, hist)
 
 
-def fit_tables(variants: list[Variant], inp: Inputs, out: Path) -> list[Variant]:
-    """Fit the tables named balanced-fit/optimal to the base's own Q8_0 histogram, and keep
-    them as .table files in the sweep directory."""
-    hist = measured_histogram(inp.fork, inp.base.path, inp.base.sha256, inp.threads)
-    done = []
+def fit_tables(variants: list[Variant], inp: Inputs, out: Path, im: Imatrix | None) -> tuple[list[Variant], dict]:
+    """The fitted tables (hooks.tables.FITTED_AT_SWEEP) of the variants that name one, kept as .table
+    files in the sweep directory; and why a table could not be fitted."""
+    done, unfit = [], {}
+    about = f"the Q8_0 values of {inp.base.path.name} (sha256 {inp.base.sha256[:16]})"
     for v in variants:
-        if v.fit:
-            note = f"{v.fit} table fitted to the Q8_0 values of {inp.base.path.name} (sha256 {inp.base.sha256[:16]})"
-            v = v.with_table(write_table(fit(v.fit, hist), out / "tables" / f"{v.fit}.table", note))
+        try:
+            if v.fit in FITTED:
+                hist = measured_histogram(inp.fork, inp.base.path, inp.base.sha256, inp.threads)
+                v = v.with_table(write_table(fit(v.fit, hist), out / "tables" / f"{v.fit}.table",
+                                             f"{v.fit} table fitted to {about}"))
+            elif v.fit == "optimal-weighted":
+                if im is None:
+                    raise OrchestrateError("the optimal-weighted table needs an importance matrix (--imatrix)")
+                hist = weighted_histogram(inp.fork, inp.base.path, inp.base.sha256, im, inp.threads)
+                v = v.with_table(write_table(fit_optimal(hist, v.fit), out / "tables" / f"{v.fit}.table",
+                                             f"optimal table fitted to {about}, each weighted by its column's "
+                                             f"importance in {im.path.name}"))
+            elif v.fit == "per-tensor":
+                v = replace(v, hooks=replace(v.hooks, rules=_per_tensor_rules(inp, out / "tables" / "per-tensor", about)))
+        except OrchestrateError as e:
+            unfit[v.name] = f"could not fit the {v.fit} table: {e}"
         done.append(v)
-    return done
+    return done, unfit
 
 
-def with_tables(exp: Experiment, inp: Inputs, out: Path) -> tuple[list[Variant], dict[str, str]]:
+def _per_tensor_rules(inp: Inputs, d: Path, about: str) -> tuple[Rule, ...]:
+    """An optimal table per Q8_0 tensor, fitted to its own values, as a TENSOR rule naming that tensor."""
+    measured_histogram(inp.fork, inp.base.path, inp.base.sha256, inp.threads)
+    rules = []
+    for name, h in tensor_histograms(inp.fork, inp.base.sha256).items():
+        t = write_table(fit_optimal(h, "per-tensor"), d / f"{name}.table", f"optimal table of {name} in {about}")
+        rules.append(Rule(groups.rule_pattern(name), table_set=True, table=t, table_file=str(t.path)))
+    return tuple(rules)
+
+
+def with_tables(exp: Experiment, inp: Inputs, out: Path, im: Imatrix | None = None) -> tuple[list[Variant], dict[str, str]]:
     """The experiment's variants with their fitted tables, and why a table could not be fitted."""
     variants = exp.variants()
     if not any(v.fit for v in variants):
         return variants, {}
-    try:
-        return fit_tables(variants, inp, out), {}
-    except OrchestrateError as e:
-        return variants, {v.name: f"could not fit the {v.fit} table: {e}" for v in variants if v.fit}
+    return fit_tables(variants, inp, out, im)
 
 
 def default_reference(names: list[str]) -> str | None:
@@ -251,7 +273,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
             todo = [v for v in p.exp.variants() if not finished_row(inp, v)]
             need = _disk_need(p, todo, opts.keep_models, inp.base.path.stat().st_size, plan.history(inp.cache))
             plan.refuse_if_too_big(need, inp.cache, force)
-        variants, unfit = with_imatrix(*with_tables(p.exp, inp, out), im, imatrix_types)
+        variants, unfit = with_imatrix(*with_tables(p.exp, inp, out, im), im, imatrix_types)
         rows = execute(variants, inp, opts.keep_models, Display(variants), unfit,
                        functools.partial(cache.record, sweep=out))
         rows = [runs.export(row, out) for row in rows]
@@ -278,7 +300,7 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Opt
     variants = p.exp.variants()
     fitted_from = None if p.upcast else cached_histogram(inp.fork, inp.base.sha256)
     if fitted_from is not None:  # the tables the sweep will fit (a pure computation): their runs are known
-        variants = [v.with_table(fit(v.fit, fitted_from)) if v.fit else v for v in variants]
+        variants = [v.with_table(fit(v.fit, fitted_from)) if v.fit in FITTED else v for v in variants]
     states = {v.name: "cached" if finished_row(inp, v) else "to run" for v in variants}
     hist = plan.history(inp.cache)
     calibrated, near = None, plan.near_rates(hist, params)

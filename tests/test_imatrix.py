@@ -59,3 +59,39 @@ def test_a_type_that_needs_an_importance_matrix_sweeps_with_one(fork, demo_base,
     assert rows["q4_0"]["tensor_key"] != rows["q4_0-imat"]["tensor_key"]
     fitted = doc["texts"]["fit"][0]
     assert fitted["for"].startswith("Fitted the importance matrix") and fitted["end"] == doc["texts"]["score"]["start"]
+
+
+def test_a_uniform_importance_gives_the_plain_histogram_and_per_tensor_tables_land_on_their_tensors(fork, demo_base,
+                                                                                                   tmp_path):
+    import gguf
+
+    from orchestrator.fetch import sha256_of
+    from orchestrator.hooks import conf
+    from orchestrator.study.base import file_id, measured_histogram, weighted_histogram
+    from orchestrator.tools.imatrix import Imatrix
+    base_id = file_id(demo_base)
+    plain = measured_histogram(fork, demo_base, base_id, 2)
+    w = gguf.GGUFWriter(str(tmp_path / "flat.gguf"), "imatrix")
+    for t in analysis.open_model(demo_base).tensors:
+        if len(t.shape) == 2:
+            w.add_tensor(f"{t.name}.in_sum2", np.full(int(t.shape[0]), 3.0, np.float32))
+            w.add_tensor(f"{t.name}.counts", np.array([2.0], np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    im = Imatrix(tmp_path / "flat.gguf", sha256_of(tmp_path / "flat.gguf"), tmp_path, "x")
+    assert np.allclose(weighted_histogram(fork, demo_base, base_id, im, 2), plain)  # numpy's count = the hooks'
+    # per-tensor tables: a sweep keeps the model; each tensor holds its own table's levels of the stock values
+    res = orchestrate("sweep", "--types", "Q8_0", "--radius", "none", "--tables", "per-tensor", "--keep-models", *SMALL,
+                      "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["variants"]}
+    mine = {t.name: t for t in analysis.hooked_tensors(analysis.open_model(Path(rows["q8_0-per-tensor"]["run_dir"]) / "model.gguf"))}
+    stock = {t.name: t for t in analysis.hooked_tensors(analysis.open_model(Path(rows["q8_0"]["run_dir"]) / "model.gguf"))}
+    echoed = json.loads((tmp_path / "out" / "hist" / "q8_0-per-tensor.json").read_text())["config"]["rules"]
+    assert len(echoed) == len(mine) == len(stock)
+    for rule in echoed:  # the C reader's echo of each rule's table against the Python reader's
+        table = conf.load_table(Path(rule["table_file"]))
+        assert rule["table"]["level"] == list(table.level)
+        name = rule["pattern"]
+        _, sv = analysis.decode(stock[name], analysis.blocks(stock[name]))
+        _, mv = analysis.decode(mine[name], analysis.blocks(mine[name]))
+        assert np.array_equal(mv, table.translate(sv)), name

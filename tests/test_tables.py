@@ -174,3 +174,16 @@ def test_codebook_tables_encode_each_value_as_its_nearest_level(name):
         assert distance[code] == distance.min() and (code == 0 or distance[code - 1] > distance[code]), (name, v)
     if name == "uniform":
         assert len(set(np.diff(levels))) <= 2 and levels[0] == -127 and levels[-1] == 127  # steps of 16.9, rounded
+
+
+def test_weighted_fitting_lowers_the_weighted_error():
+    # plain counts spread evenly; the importance sits on 16 values only: the weighted fit puts a level
+    # on each of them (weighted error 0), the plain fit cannot know to
+    plain = np.ones(256)
+    heavy = np.arange(-120, 120, 15)  # 16 values
+    weighted = np.full(256, 1e-6)
+    weighted[heavy + 128] = 1000.0
+    w_table, p_table = tables.fit_optimal(weighted, "w"), tables.fit_optimal(plain, "p")
+    assert sorted(w_table.level) == sorted(heavy.tolist())
+    assert tables.expected_sq_error(w_table, weighted) < 1e-6 < tables.expected_sq_error(p_table, weighted)
+    assert tables.expected_sq_error(p_table, plain) <= tables.expected_sq_error(w_table, plain)

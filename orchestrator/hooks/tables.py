@@ -122,7 +122,10 @@ def write_table(table: Table, path: Path, note: str) -> Table:
     return load_table(Path(path), table.name)
 
 
-FITTED = ("balanced-fit", "optimal")
+FITTED = ("balanced-fit", "optimal")  # fitted to the model's Q8_0 histogram (fit())
+# fitted at sweep time in other ways: to the importance-weighted histogram (needs an importance matrix),
+# and one optimal table per tensor, to that tensor's own histogram (applied by per-tensor rules)
+FITTED_AT_SWEEP = FITTED + ("optimal-weighted", "per-tensor")
 
 # The standard 4-bit codebooks as tables on the Q8_0 grid. A Q8_0 block stores q = round(w / d) with
 # d = absmax / 127, so the grid spans the block's absmax as +-127; each codebook's levels are put on it

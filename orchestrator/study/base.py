@@ -108,6 +108,40 @@ def _histogram_path(fork, base_id: str) -> Path:
     return paths.cache_dir() / "q8_0-hist" / f"{base_id[:16]}-{fork.id}.json"
 
 
+def tensor_histograms(fork, base_id: str) -> dict[str, np.ndarray]:
+    """Each Q8_0 tensor's own value histogram, from the measured model histogram's file."""
+    return {t["name"]: np.array(t["values"], dtype=np.int64)
+            for t in read_json(_histogram_path(fork, base_id)).get("tensors", []) if t.get("type") == "q8_0" and t.get("values")}
+
+
+def weighted_histogram(fork, base: Path, base_id: str, im, threads: int | None = None) -> np.ndarray:
+    """The base's plain-Q8_0 value histogram with every weight counted by its column's importance (the
+    imatrix's mean squared activation of that input). Each tensor's importances are scaled to mean 1, so
+    that a tensor weighs what it does in the plain histogram and only the weights within it move; tensors
+    the imatrix does not cover count plainly. Cached by base, importance matrix and build."""
+    dest = paths.cache_dir() / "q8_0-hist" / f"{base_id[:16]}-{im.sha256[:16]}-{fork.id}-weighted.json"
+    if dest.exists():
+        return np.array(read_json(dest)["values"])
+    reader = analysis.open_model(im.path)
+    sums = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    hist = np.zeros(256)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        q8 = Path(tmp) / "q8_0.gguf"
+        run_quantize(fork, base, q8, "Q8_0", threads=threads, progress=False, log_path=Path(tmp) / "quantize.log")
+        for t in analysis.hooked_tensors(analysis.open_model(q8)):
+            n = analysis.row_length(t)
+            s2, count = sums.get(f"{t.name}.in_sum2"), sums.get(f"{t.name}.counts")
+            w = np.ones(n) if s2 is None or len(s2) != n or count is None or count[0] <= 0 else s2 / count[0]
+            w = w / w.mean() if w.mean() > 0 else np.ones(n)
+            for _, vals in analysis.slabs(t):
+                v = vals.reshape(-1, n).astype(np.int64) + 128
+                hist += np.bincount(v.ravel(), weights=np.broadcast_to(w, v.shape).ravel(), minlength=256)
+        analysis.release(q8)
+    write_json(dest, {"values": hist.tolist(), "imatrix": str(im.path)})
+    return hist
+
+
 def cached_histogram(fork, base_id: str) -> np.ndarray | None:
     """The model's Q8_0 value histogram if it was measured already (nothing is run)."""
     dest = _histogram_path(fork, base_id)

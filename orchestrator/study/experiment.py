@@ -14,7 +14,7 @@ from ..documents import load_yaml
 from ..errors import OrchestrateError
 from ..files import check_name
 from ..hooks.conf import STOCK, Hooks, Table, rule_arg, table_arg
-from ..hooks.tables import FITTED
+from ..hooks.tables import FITTED_AT_SWEEP
 from ..taskfiles import TaskFile, parse_spec
 from ..tools.imatrix import Imatrix
 
@@ -91,7 +91,7 @@ class Experiment:
         out = [Variant("base", "base")]
         out += [Variant(t.lower(), "stock", t) for t in self.types]
         for name in self.tables:
-            if name in FITTED:
+            if name in FITTED_AT_SWEEP:
                 out.append(Variant(f"q8_0-{name}", "table", "Q8_0", EXPERIMENT, fit=name))
             else:
                 t = table_arg(name, self.table_dir)

@@ -188,8 +188,13 @@ def _counted(hist: dict, main_type: str | None) -> dict | None:
 
 
 def _zeros(hist: dict, m: dict) -> int:
-    """Stored zeros in one of the hooks' histograms (table codes: the code whose level is 0)."""
+    """Stored zeros in one of the hooks' histograms (table codes: the code whose level is 0 in the
+    table that coded them — the tensor's rule's, or the file's)."""
     if m["bins"] == "value":
         return m["values"][-m["bin_min"]]
-    levels = hist["config"]["table"]["level"]
+    if "name" not in m and hist["config"].get("rules"):  # a model total over tensors with tables of their own
+        return sum(_zeros(hist, t) for t in hist.get("tensors", []) if t.get("bins") == "code")
+    rule = m.get("rule")
+    table = hist["config"]["rules"][rule].get("table") if rule is not None else hist["config"].get("table")
+    levels = table["level"] if table else []
     return m["values"][levels.index(0)] if 0 in levels else 0
