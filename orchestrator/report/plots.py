@@ -228,20 +228,52 @@ def fig_zero_runs(doc, out):
     return _save(fig, out, "zero_runs")
 
 
+CODEBOOKS = ("nf4", "iq4nl", "uniform")
+FITTED_TABLES = ("optimal", "balanced-fit", "optimal-weighted")
+FAMILIES = {"base": "k", "legacy quants": "tab:blue", "K-quants": "tab:cyan", "IQ quants": "tab:purple",
+            "thesis tables": "tab:orange", "standard codebooks (tables)": "tab:green",
+            "fitted tables": "tab:olive", "Q4_0 + zero radius": "tab:red", "per-tensor rules": "tab:brown"}
+
+
+def family(r: dict) -> str:
+    """The codebook family a variant belongs to, for the trade-off chart."""
+    kind, table, qtype = r["kind"], r.get("table") or "", (r.get("type") or "").upper()
+    if kind == "base":
+        return "base"
+    if kind == "radius":
+        return "Q4_0 + zero radius"
+    if kind == "table":
+        return ("standard codebooks (tables)" if table in CODEBOOKS
+                else "fitted tables" if table in FITTED_TABLES or not table else "thesis tables")
+    if kind != "stock":
+        return "per-tensor rules"
+    return "IQ quants" if qtype.startswith("IQ") else "K-quants" if "_K" in qtype else "legacy quants"
+
+
 def fig_tradeoff(doc, out):
-    """Perplexity against measured bits per weight: stored (hollow) and zstd-compressed (filled)."""
+    """Perplexity against measured bits per weight: stored (hollow) and zstd-compressed (filled), coloured by
+    codebook family, diamonds for variants made with an importance matrix; beyond 12 variants the points
+    carry numbers and a key lists them (names beside the points overlap)."""
     rows = [r for r in _ok(doc) if r.get("zstd_bpw")]
     if len(rows) < 2:
         return None
-    colors = {"base": "k", "stock": "tab:blue", "table": "tab:orange", "radius": "tab:red"}
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for r in rows:
-        c = colors.get(r["kind"], "tab:gray")
-        ax.plot([r["bpw"], r["zstd_bpw"]], [r["ppl"], r["ppl"]], color=c, lw=0.8, alpha=0.6)
-        ax.plot(r["bpw"], r["ppl"], "o", mfc="none", color=c)
-        ax.plot(r["zstd_bpw"], r["ppl"], "o", color=c)
-        ax.annotate(r["name"], (r["zstd_bpw"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    numbered = len(rows) > 12
+    fig, ax = plt.subplots(figsize=(9.5 if numbered else 7.5, 5.2), layout="constrained")
+    seen = set()
+    for i, r in enumerate(sorted(rows, key=lambda r: r["zstd_bpw"]), 1):
+        fam = family(r)
+        c, mark = FAMILIES[fam], "D" if r["name"].endswith("-imat") else "o"
+        ax.plot([r["bpw"], r["zstd_bpw"]], [r["ppl"], r["ppl"]], color=c, lw=0.8, alpha=0.5)
+        ax.plot(r["bpw"], r["ppl"], mark, mfc="none", color=c, ms=5)
+        ax.plot(r["zstd_bpw"], r["ppl"], mark, color=c, ms=5, label=fam if fam not in seen else None)
+        seen.add(fam)
+        ax.annotate(str(i) if numbered else printable(r["name"]), (r["zstd_bpw"], r["ppl"]), textcoords="offset points",
+                    xytext=(3, 3), fontsize=7)
+    if numbered:
+        key = "\n".join(f"{i:>2} {printable(r['name'])}" for i, r in enumerate(sorted(rows, key=lambda r: r["zstd_bpw"]), 1))
+        fig.text(1.0, 0.5, key, fontsize=6.5, family="monospace", va="center", ha="left", transform=ax.transAxes)
     _ppl_axis(ax, rows)
+    ax.legend(fontsize=7, loc="upper right", title="family (◇: with an importance matrix)", title_fontsize=7)
     ax.set_xlabel("bits per weight: as stored (hollow) → compressed with zstd (filled)")
     ax.set_title("Perplexity against effective bits per weight\n" + _subtitle(doc), fontsize=10)
     ax.grid(alpha=0.3)
