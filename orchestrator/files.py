@@ -183,3 +183,18 @@ def printable(text: str) -> str:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text(encoding=ENCODING))
+
+
+def read_document(directory: Path, name: str, schema: str, what: str) -> dict:
+    """The JSON document `name` of an output directory, checked to carry `schema` (one-line errors)."""
+    from .errors import OrchestrateError
+    path = Path(directory) / name
+    if not path.exists():
+        raise OrchestrateError(f"{directory} has no {name} (not a {what} directory)")
+    try:
+        doc = read_json(path)
+    except (OSError, ValueError) as e:
+        raise OrchestrateError(f"cannot read {path}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != schema:
+        raise OrchestrateError(f"{path} is not a {what} document of this version ({schema})")
+    return doc

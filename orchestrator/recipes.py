@@ -13,7 +13,7 @@ import yaml
 
 from .documents import load_yaml
 from .errors import OrchestrateError
-from .files import read_json, write_atomic, write_json
+from .files import read_document, write_atomic, write_json
 
 SCHEMA = "orchestrate.recipe/1"
 FILE = "recipe.json"
@@ -44,10 +44,4 @@ def write(out: Path, doc: dict) -> None:
 
 
 def load(directory: Path) -> dict:
-    path = Path(directory) / FILE
-    if not path.exists():
-        raise OrchestrateError(f"{directory} has no {FILE} (not a recipe directory)")
-    doc = read_json(path)
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise OrchestrateError(f"{path} is not a recipe document of this version ({SCHEMA})")
-    return doc
+    return read_document(directory, FILE, SCHEMA, "recipe")

@@ -6,8 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from .errors import OrchestrateError
-from .files import read_json, write_atomic, write_json
+from .files import read_document, write_atomic, write_json
 
 SCHEMA = "orchestrate.scan/1"
 FILE = "scan.json"
@@ -45,10 +44,4 @@ def write(out: Path, doc: dict) -> None:
 
 
 def load(directory: Path) -> dict:
-    path = Path(directory) / FILE
-    if not path.exists():
-        raise OrchestrateError(f"{directory} has no {FILE} (not a scan directory)")
-    doc = read_json(path)
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise OrchestrateError(f"{path} is not a scan document of this version ({SCHEMA})")
-    return doc
+    return read_document(directory, FILE, SCHEMA, "scan")
