@@ -19,12 +19,10 @@ from .fetch import sha256_of
 from .files import check_input_file, read_json
 from .fork import build
 from .fork.build import Fork
-from .hooks.conf import Rule
-from .hooks.tables import FITTED, fit, fit_optimal, write_table
-from .study import analysis, answers, cache, groups, paired, plan, recipe as recipe_mod, runs, scan as scan_mod, scores
-from .study import sequential, stats, tails
-from .study.base import (Base, cached_histogram, file_id, measured_histogram, needs_upcast, prepare_base, tensor_histograms,
-                         upcast_path, weighted_histogram)
+from .hooks.tables import FITTED, fit
+from .study import analysis, answers, cache, fitting, groups, paired, plan, recipe as recipe_mod, runs, scan as scan_mod
+from .study import scores, sequential, tails
+from .study.base import Base, cached_histogram, file_id, needs_upcast, prepare_base, upcast_path
 from .study.display import Display
 from .study.experiment import Experiment, RuleSet, Variant
 from .study.runner import finished_row, kept_model, run_local
@@ -127,21 +125,6 @@ def _check_imatrix(p: Prepared) -> set[str]:
     return set(need)
 
 
-def with_imatrix(variants: list[Variant], unfit: dict, im: Imatrix | None,
-                 need: set[str]) -> tuple[list[Variant], dict]:
-    """Every variant but the base also with the importance matrix (its "-imat" twin); the types that
-    need one, only so."""
-    if im is None:
-        return variants, unfit
-    out = []
-    for v in variants:
-        if v.kind == "base" or v.qtype not in need:
-            out.append(v)
-        if v.kind != "base":
-            out.append(replace(v, name=f"{v.name}-imat", imatrix=im))
-    return out, {**unfit, **{f"{n}-imat": why for n, why in unfit.items()}}
-
-
 def kld_size_estimate(base: Path, chunks: int, ctx: int) -> int | None:
     """Bytes llama-perplexity will write for the base logits (2 bytes per vocab entry per token)."""
     tokens = analysis.open_model(base).get_field("tokenizer.ggml.tokens")
@@ -155,50 +138,6 @@ def _disk_need(p: Prepared, todo: list[Variant], keep_models: bool, base_bytes: 
     base_todo = p.inp.kld and any(v.kind == "base" for v in todo)
     logits = (kld_size_estimate(p.model, p.chunks, p.inp.ctx) or 0) if base_todo else 0
     return plan.disk_need(base_bytes, [v.qtype for v in todo if v.kind != "base"], keep_models, logits, p.upcast, hist)
-
-
-def fit_tables(variants: list[Variant], inp: Inputs, out: Path, im: Imatrix | None) -> tuple[list[Variant], dict]:
-    """The fitted tables (hooks.tables.FITTED_AT_SWEEP) of the variants that name one, kept as .table
-    files in the sweep directory; and why a table could not be fitted."""
-    done, unfit = [], {}
-    about = f"the Q8_0 values of {inp.base.path.name} (sha256 {inp.base.sha256[:16]})"
-    for v in variants:
-        try:
-            if v.fit in FITTED:
-                hist = measured_histogram(inp.fork, inp.base.path, inp.base.sha256, inp.threads)
-                v = v.with_table(write_table(fit(v.fit, hist), out / "tables" / f"{v.fit}.table",
-                                             f"{v.fit} table fitted to {about}"))
-            elif v.fit == "optimal-weighted":
-                if im is None:
-                    raise OrchestrateError("the optimal-weighted table needs an importance matrix (--imatrix)")
-                hist = weighted_histogram(inp.fork, inp.base.path, inp.base.sha256, im, inp.threads)
-                v = v.with_table(write_table(fit_optimal(hist, v.fit), out / "tables" / f"{v.fit}.table",
-                                             f"optimal table fitted to {about}, each weighted by its column's "
-                                             f"importance in {im.path.name}"))
-            elif v.fit == "per-tensor":
-                v = replace(v, hooks=replace(v.hooks, rules=_per_tensor_rules(inp, out / "tables" / "per-tensor", about)))
-        except OrchestrateError as e:
-            unfit[v.name] = f"could not fit the {v.fit} table: {e}"
-        done.append(v)
-    return done, unfit
-
-
-def _per_tensor_rules(inp: Inputs, d: Path, about: str) -> tuple[Rule, ...]:
-    """An optimal table per Q8_0 tensor, fitted to its own values, as a TENSOR rule naming that tensor."""
-    measured_histogram(inp.fork, inp.base.path, inp.base.sha256, inp.threads)
-    rules = []
-    for name, h in tensor_histograms(inp.fork, inp.base.sha256).items():
-        t = write_table(fit_optimal(h, "per-tensor"), d / f"{name}.table", f"optimal table of {name} in {about}")
-        rules.append(Rule(groups.rule_pattern(name), table_set=True, table=t, table_file=str(t.path)))
-    return tuple(rules)
-
-
-def with_tables(exp: Experiment, inp: Inputs, out: Path, im: Imatrix | None = None) -> tuple[list[Variant], dict[str, str]]:
-    """The experiment's variants with their fitted tables, and why a table could not be fitted."""
-    variants = exp.variants()
-    if not any(v.fit for v in variants):
-        return variants, {}
-    return fit_tables(variants, inp, out, im)
 
 
 def default_reference(names: list[str]) -> str | None:
@@ -273,7 +212,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
             todo = [v for v in p.exp.variants() if not finished_row(inp, v)]
             need = _disk_need(p, todo, opts.keep_models, inp.base.path.stat().st_size, plan.history(inp.cache))
             plan.refuse_if_too_big(need, inp.cache, force)
-        variants, unfit = with_imatrix(*with_tables(p.exp, inp, out, im), im, imatrix_types)
+        variants, unfit = fitting.with_imatrix(*fitting.with_tables(p.exp, inp, out, im), im, imatrix_types)
         rows = execute(variants, inp, opts.keep_models, Display(variants), unfit,
                        functools.partial(cache.record, sweep=out))
         rows = [runs.export(row, out) for row in rows]
@@ -354,7 +293,7 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
         p = prepare(exp, model, text, replace(opts, kld=True), fork, make_base=True)
         _check_imatrix(p)
         inp = p.inp
-        variants, unfit = with_tables(p.exp, inp, out)
+        variants, unfit = fitting.with_tables(p.exp, inp, out)
         if unfit:
             raise OrchestrateError(next(iter(unfit.values())))
         display = Display(variants)
@@ -418,32 +357,6 @@ def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, o
                     f"{most} if no group stops early; one group model at a time on disk beside R's and E's"]
 
 
-def _options(scan: dict, quantity: str) -> list[recipe_mod.Option]:
-    """A scan's groups as recipe options: each group's effect on quantity, and the zeros it adds
-    (from the reference's and the encoding's histograms, per tensor)."""
-    ref, enc = scan["variants"][1], scan["variants"][2]
-    zeros = []
-    for row in (ref, enc):
-        hist = Path(row["run_dir"]) / "hist.json"
-        if not hist.exists():
-            raise OrchestrateError(f"the scan's {row['name']} histograms ({hist}) are gone from the cache: "
-                                   "run the scan again")
-        zeros.append(stats.tensor_zeros(read_json(hist)))
-    out = []
-    for g in scan["groups"]:
-        e = g["effects"][quantity]
-        gain = sum(zeros[1][t][0] - zeros[0][t][0] for t in g["tensors"] if t in zeros[0] and t in zeros[1])
-        out.append(recipe_mod.Option(g["name"], tuple(g["tensors"]), e["mean"], e["lo"], e["hi"], gain))
-    return out
-
-
-def _recipe_rules(scan: dict, chosen: list[recipe_mod.Option]) -> list[str]:
-    enc = scan["encoding"]
-    setting = (f"Q4_0_RADIUS={enc['radius']}" if enc.get("radius") is not None
-               else f"TABLE_MODE={scan['variants'][2]['table_file']}")
-    return [f"{groups.rule_pattern(t)} {setting}" for o in chosen for t in o.tensors]
-
-
 def recipe(scan_dir: Path, budgets: list[recipe_mod.Budget], out: Path | None, text: Path | None,
            opts: Options = Options(), model: Path | None = None) -> tuple[Path, dict]:
     """`orchestrate recipe`: a recipe per budget from a scan, each built and measured on text the scan
@@ -461,7 +374,7 @@ def recipe(scan_dir: Path, budgets: list[recipe_mod.Budget], out: Path | None, t
     if texts.overlaps(texts.record(held, sha256_of(held)), scan.get("scanned") or {"sha256": scan["text_sha256"]}):
         raise OrchestrateError(f"{held} is the text the scan was made on: a recipe is measured on other text")
     model = model or Path(scan.get("model") or scan["base"]["path"])
-    options = _options(scan, budgets[0].quantity)
+    options = recipe_mod.options(scan, budgets[0].quantity)
     out = Path(out) if out else paths.plots_dir() / f"recipe-{Path(scan_dir).name}"
     with results.locked(out):
         return out, _recipe(scan, Path(scan_dir), budgets, out, held, opts, model, options)
@@ -475,7 +388,7 @@ def _recipe(scan: dict, scan_dir: Path, budgets: list[recipe_mod.Budget], out: P
     for b in budgets:
         chosen = recipe_mod.choose(options, b.limit)
         name = f"recipe-{b.quantity}{b.limit:g}"
-        rules = _recipe_rules(scan, chosen)
+        rules = recipe_mod.rules(scan, chosen)
         note = (f"{len(chosen)} of {len(options)} groups of {enc['name']} on {ref['type']} for {b.label}, from the "
                 f"scan {Path(scan_dir).resolve()}")
         path = recipes.write_recipe(out / f"{name}.yaml", name, ref["type"], rules, note) if rules else None

@@ -13,10 +13,13 @@ additive model held.
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import OrchestrateError
+from ..files import read_json
+from . import groups, stats
 
 RESOLUTION = 2000   # budget steps of the knapsack
 QUANTITIES = {"kld": "mean KLD", "nll": "ln(PPL ratio)"}
@@ -108,3 +111,29 @@ def verdict(pred: dict, measured: dict, limit: float) -> dict:
         "failed: the groups together hurt more than the sum of their effects" if measured["lo"] > hi
         else "failed: the groups together hurt less than the sum of their effects")
     return {"budget": budget, "additive": additive, "gap": measured["mean"] - pred["mean"]}
+
+
+def options(scan: dict, quantity: str) -> list[Option]:
+    """A scan's groups as recipe options: each group's effect on quantity, and the zeros it adds
+    (from the reference's and the encoding's histograms, per tensor)."""
+    ref, enc = scan["variants"][1], scan["variants"][2]
+    zeros = []
+    for row in (ref, enc):
+        hist = Path(row["run_dir"]) / "hist.json"
+        if not hist.exists():
+            raise OrchestrateError(f"the scan's {row['name']} histograms ({hist}) are gone from the cache: "
+                                   "run the scan again")
+        zeros.append(stats.tensor_zeros(read_json(hist)))
+    out = []
+    for g in scan["groups"]:
+        e = g["effects"][quantity]
+        gain = sum(zeros[1][t][0] - zeros[0][t][0] for t in g["tensors"] if t in zeros[0] and t in zeros[1])
+        out.append(Option(g["name"], tuple(g["tensors"]), e["mean"], e["lo"], e["hi"], gain))
+    return out
+
+
+def rules(scan: dict, chosen: list[Option]) -> list[str]:
+    enc = scan["encoding"]
+    setting = (f"Q4_0_RADIUS={enc['radius']}" if enc.get("radius") is not None
+               else f"TABLE_MODE={scan['variants'][2]['table_file']}")
+    return [f"{groups.rule_pattern(t)} {setting}" for o in chosen for t in o.tensors]
