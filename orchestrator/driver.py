@@ -21,7 +21,7 @@ from .fork import build
 from .fork.build import Fork
 from .hooks.tables import FITTED, fit
 from .study import analysis, answers, cache, fitting, groups, paired, plan, recipe as recipe_mod, runs, scan as scan_mod
-from .study import scores, sequential, tails
+from .study import scores, sequential, stats, tails
 from .study.base import Base, cached_histogram, file_id, needs_upcast, prepare_base, upcast_path
 from .study.display import Display
 from .study.experiment import Experiment, RuleSet, Variant
@@ -165,6 +165,17 @@ def with_tails(rows: list[results.Row], t: dict) -> list[results.Row]:
             else r for r in rows]
 
 
+def with_code_bits(rows: list[results.Row]) -> list[results.Row]:
+    """Table variants' rows with their bits per weight as 4-bit codes (study.stats.code_bits)."""
+    out = []
+    for r in rows:
+        hist = Path(r.run_dir or "/nonexistent") / "hist.json"
+        if r.status == "ok" and r.kind in ("table", "rules") and hist.exists():
+            r = r.but(**stats.code_bits(read_json(hist), r.bpw, r.elements))
+        out.append(r)
+    return out
+
+
 def task_answers(rows: list[results.Row], tasks, reference: str | None) -> dict:
     """Every task's answers, per variant that was scored (in the order asked), and the comparisons
     (study.answers.study)."""
@@ -217,7 +228,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
                        functools.partial(cache.record, sweep=out))
         rows = [runs.export(row, out) for row in rows]
         compared, tail = compare_all(rows, reference)
-        rows = with_tails(rows, tail)
+        rows = with_code_bits(with_tails(rows, tail))
         settings = {"ctx": inp.ctx, "chunks": inp.chunks, "kld": inp.kld, "threads": inp.threads,
                     "llama_env": inp.llama_env}
         doc = results.document(p.exp.name, p.exp.description, inp.base, inp.text, inp.text_id, settings, fork, rows,

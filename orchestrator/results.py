@@ -56,6 +56,8 @@ class Row:
     kld_max: float | None = _csv()
     file_bytes: int | None = _csv()
     bpw: float | None = _csv()
+    code_bpw: float | None = _csv()           # a table variant's bits per weight as 4-bit codes, tables included
+    table_bpw: float | None = _csv()          # of which its tables' own bytes
     zero_fraction: float | None = _csv()
     isolated_zero_share: float | None = _csv()
     entropy_bpw: float | None = _csv()

@@ -212,3 +212,17 @@ def test_reader_keeps_every_field_byte_of_gguf_s_own_reader(demo_base, tmp_path)
         assert [(t.name, t.tensor_type, list(t.shape), t.data_offset, t.n_bytes) for t in ours.tensors] == \
                [(t.name, t.tensor_type, list(t.shape), t.data_offset, t.n_bytes) for t in theirs.tensors]
     assert analysis.array_length(analysis._Reader(tmp_path / "arrays.gguf").get_field("t.strings")) == 3
+
+
+def test_code_bits_of_a_table_variant():
+    from orchestrator.study.stats import code_bits
+    a, b = list(range(-8, 8)), list(range(-16, 16, 2))
+    hist = {"config": {"table": None, "rules": [{"table": {"level": a}}, {"table": {"level": b}}, {"table": {"level": a}}]},
+            "tensors": [{"bins": "code", "rule": 0, "elements": 3200}, {"bins": "code", "rule": 1, "elements": 3200},
+                        {"bins": "code", "rule": 2, "elements": 1600}, {"bins": "value", "elements": 1000}]}
+    elements = 9000  # 8000 coded Q8_0 weights, 1000 others
+    got = code_bits(hist, 8.0, elements)
+    assert got["table_bpw"] == 2 * 128 / elements  # two distinct tables
+    assert got["code_bpw"] == 8.0 - 4 * 8000 / elements + got["table_bpw"]  # coded blocks at 4.5 instead of 8.5
+    assert code_bits({"config": {}, "tensors": [{"bins": "value", "elements": 5}]}, 8.0, 5) == {"table_bpw": None,
+                                                                                              "code_bpw": None}

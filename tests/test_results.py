@@ -43,5 +43,5 @@ def test_a_newer_row_is_refused_in_one_line(d):
 
 def test_csv_columns_are_the_documented_ones_in_order():
     assert CSV_COLUMNS[:9] == ["name", "kind", "type", "mode", "radius", "table", "status", "ppl", "ppl_err"]
-    assert CSV_COLUMNS[-4:] == ["tensor_key", "reason", "log", "run_dir"] and len(CSV_COLUMNS) == 36
+    assert CSV_COLUMNS[-4:] == ["tensor_key", "reason", "log", "run_dir"] and len(CSV_COLUMNS) == 38
     assert not {"commands", "ppl_chunks", "ran_on", "hist", "damage"} & set(CSV_COLUMNS)

@@ -266,6 +266,8 @@ def fig_tradeoff(doc, out):
         ax.plot([r["bpw"], r["zstd_bpw"]], [r["ppl"], r["ppl"]], color=c, lw=0.8, alpha=0.5)
         ax.plot(r["bpw"], r["ppl"], mark, mfc="none", color=c, ms=5)
         ax.plot(r["zstd_bpw"], r["ppl"], mark, color=c, ms=5, label=fam if fam not in seen else None)
+        if r.get("code_bpw"):  # a table variant as 4-bit codes, its tables included
+            ax.plot(r["code_bpw"], r["ppl"], "x", color=c, ms=6)
         seen.add(fam)
         ax.annotate(str(i) if numbered else printable(r["name"]), (r["zstd_bpw"], r["ppl"]), textcoords="offset points",
                     xytext=(3, 3), fontsize=7)
@@ -274,7 +276,7 @@ def fig_tradeoff(doc, out):
         fig.text(1.0, 0.5, key, fontsize=6.5, family="monospace", va="center", ha="left", transform=ax.transAxes)
     _ppl_axis(ax, rows)
     ax.legend(fontsize=7, loc="upper right", title="family (◇: with an importance matrix)", title_fontsize=7)
-    ax.set_xlabel("bits per weight: as stored (hollow) → compressed with zstd (filled)")
+    ax.set_xlabel("bits per weight: as stored (hollow) → compressed with zstd (filled); × tables as 4-bit codes")
     ax.set_title("Perplexity against effective bits per weight\n" + _subtitle(doc), fontsize=10)
     ax.grid(alpha=0.3)
     return _save(fig, out, "ppl_vs_bits")

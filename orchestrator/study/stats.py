@@ -75,6 +75,19 @@ def coded_sizes(hist: dict, main_type: str | None) -> dict:
             "rle_bpw": ((n - zeros) * (1 + width) + tokens * (1 + 4)) / n}
 
 
+def code_bits(hist: dict, bpw: float, elements: int) -> dict:
+    """Bits per weight of a table variant as 4-bit codes: each table-coded Q8_0 block as 16 codes' worth of
+    4-bit values plus its scale (4.5 bits per weight, not Q8_0's 8.5), the rest as stored, plus the tables
+    themselves (16 one-byte levels each: table_bpw). None for a model no table coded."""
+    coded = [t for t in hist.get("tensors", []) if t.get("bins") == "code"]
+    if not coded or not elements:
+        return {"table_bpw": None, "code_bpw": None}
+    rules = hist["config"].get("rules") or []
+    tables = {tuple((rules[t["rule"]] if t.get("rule") is not None else hist["config"])["table"]["level"]) for t in coded}
+    table_bpw = len(tables) * 16 * 8 / elements
+    return {"table_bpw": table_bpw, "code_bpw": bpw - 4 * sum(t["elements"] for t in coded) / elements + table_bpw}
+
+
 def recount(path: Path, main_type: str | None) -> dict:
     """coded_sizes, counted again from the file by this module: the independent check of the
     hooks (tests and bench/), a pass over every stored value."""
