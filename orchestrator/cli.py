@@ -320,12 +320,17 @@ def quantize(base, out, qtype, mode, radius, table, rules, recipe_file, hist, th
     from .study.base import prepare_base
     refuse_overwrite({"output": out, "histogram file": hist, "log": out.with_name(out.name + ".log")},
                      {"model": check_input_file(base, "model")})
+    types_file = None
     if recipe_file is not None:
         from .recipes import read_recipe
-        _, recipe_type, recipe_rules = read_recipe(recipe_file)
+        from .study.groups import type_file
+        _, recipe_type, recipe_rules, recipe_types = read_recipe(recipe_file)
         if recipe_type.upper() != qtype.upper():
             raise OrchestrateError(f"{recipe_file} is a {recipe_type} recipe; quantize it as {recipe_type}")
         rules = tuple(rules) + tuple(recipe_rules)
+        if recipe_types:  # beside the output, as llama-quantize's --tensor-type-file
+            types_file = type_file(tuple(recipe_types), recipe_types, out.with_name(f".{out.name}.tensor-types"))
+            extra = (*extra, "--tensor-type-file", str(types_file))
     experiment = mode == "pablo" or (mode is None and (radius > 0 or table is not None or bool(rules)))
     hooks = Hooks(experiment, radius, table_arg(table) if table else None, tuple(rule_arg(r) for r in rules))
     fork = build_mod.current()
@@ -334,8 +339,12 @@ def quantize(base, out, qtype, mode, radius, table, rules, recipe_file, hist, th
     if "--imatrix" not in extra and needs_imatrix(fork, b.path, b.sha256, qtype):
         raise OrchestrateError(f"{qtype} needs an importance matrix for {base.name}: pass one after `--` "
                                "(-- --imatrix FILE)")
-    res = run_quantize(fork, b.path, out, qtype, hooks, hist=hist,
-                       threads=threads, extra=list(extra), env=_llama_env(llama_env))
+    try:
+        res = run_quantize(fork, b.path, out, qtype, hooks, hist=hist,
+                           threads=threads, extra=list(extra), env=_llama_env(llama_env))
+    finally:
+        if types_file is not None:
+            types_file.unlink(missing_ok=True)
     size = f"{res['quant_mib']:.2f} MiB" + (f" ({res['quant_bpw']:.2f} BPW)" if "quant_bpw" in res else "")
     click.echo(f"wrote {out}: {size} in {res['seconds']:.1f} s" + (f"; histograms: {hist}" if hist else ""))
 
@@ -558,7 +567,8 @@ def recipe(scan_dir, budget, text, model, out, threads, llama_env):
                                  driver.Options(threads=threads, llama_env=_llama_env(llama_env)), model=model)
     for r in doc["recipes"]:
         v = r["verdict"] or {}
-        click.echo(f"{r['name']}: {len(r['groups'])} groups, zeros {100 * r['zero_fraction']:.2f}%, budget "
+        x = f"zeros {100 * r['x']:.2f}%" if doc["axis"] == "zero_fraction" else f"{r['x']:.3f} bits per weight"
+        click.echo(f"{r['name']}: {len(r['groups'])} groups, {x}, budget "
                    f"{v.get('budget', '?')}, additive {v.get('additive', '?')}" + (f" -> {r['file']}" if r["file"] else ""))
     click.echo(f"report: {out_dir / 'recipe.md'}")
 

@@ -373,10 +373,6 @@ def recipe(scan_dir: Path, budgets: list[recipe_mod.Budget], out: Path | None, t
     """`orchestrate recipe`: a recipe per budget from a scan, each built and measured on text the scan
     did not see (its held-out part, or `text`) against the reference and the global encoding."""
     scan = scans.load(scan_dir)
-    enc = scan["encoding"]
-    if enc.get("radius") is None and enc.get("table") is None:
-        raise OrchestrateError(f"{scan_dir} scans a type ({enc['type']}): recipes are made from radius or table "
-                               "scans (zeros); type mixes (bits) are not supported yet")
     held = text or (Path(scan["held_out"]["file"]) if scan.get("held_out") else None)
     if held is None:
         raise OrchestrateError(f"{scan_dir} was scanned on the whole text: give --text (a text the scan did not "
@@ -395,23 +391,26 @@ def _recipe(scan: dict, scan_dir: Path, budgets: list[recipe_mod.Budget], out: P
             model: Path, options: list[recipe_mod.Option]) -> dict:
     from .report import recipe_report
     enc, ref = scan["encoding"], scan["reference"]
+    by_type = recipe_mod.by_type(scan)
+    axis = "bpw" if by_type else "zero_fraction"  # what a recipe gains: bits (a type scan) or zeros
     made = []
     for b in budgets:
         chosen = recipe_mod.choose(options, b.limit)
         name = f"recipe-{b.quantity}{b.limit:g}"
-        rules = recipe_mod.rules(scan, chosen)
+        rules, types = recipe_mod.rules(scan, chosen), recipe_mod.tensor_types(scan, chosen)
         note = (f"{len(chosen)} of {len(options)} groups of {enc['name']} on {ref['type']} for {b.label}, from the "
                 f"scan {Path(scan_dir).resolve()}")
-        path = recipes.write_recipe(out / f"{name}.yaml", name, ref["type"], rules, note) if rules else None
+        path = recipes.write_recipe(out / f"{name}.yaml", name, ref["type"], rules, note, types) if chosen else None
         made.append({"name": name, "budget": {"quantity": b.quantity, "limit": b.limit}, "file": str(path) if path else None,
                      "groups": [o.group for o in chosen], "gain": sum(o.gain for o in chosen),
-                     "predicted": recipe_mod.predicted(chosen), "rules": len(rules)})
-    built = [r for r in made if r["file"]]
-    exp = Experiment(f"verify-{Path(scan_dir).name}", types=[ref["type"]], ctx=scan["settings"]["ctx"],
-                     chunks=scan["settings"]["chunks"], radius=[enc["radius"]] if enc.get("radius") is not None else [],
+                     "predicted": recipe_mod.predicted(chosen), "rules": len(rules) + len(types)})
+    built = [recipes.read_recipe(Path(r["file"])) for r in made if r["file"]]
+    exp = Experiment(f"verify-{Path(scan_dir).name}", types=[ref["type"]] + ([enc["type"]] if by_type else []),
+                     ctx=scan["settings"]["ctx"], chunks=scan["settings"]["chunks"],
+                     radius=[enc["radius"]] if enc.get("radius") is not None else [],
                      tables=[scan["variants"][2]["table_file"]] if enc.get("table") else [],
-                     rules=[RuleSet(r["name"], ref["type"], tensors=tuple(recipes.read_recipe(Path(r["file"]))[2]))
-                            for r in built])
+                     rules=[RuleSet(name, qtype, tensors=tuple(rules), tensor_types=tuple(types.items()))
+                            for name, qtype, rules, types in built])
     _, sweep_doc = sweep(exp, model, held, out / "verify", replace(opts, kld=True), reference=ref["name"])
     rows = {r["name"]: r for r in sweep_doc["variants"]}
     vs = sweep_doc["paired"].get("vs_reference", {})
@@ -419,14 +418,14 @@ def _recipe(scan: dict, scan_dir: Path, budgets: list[recipe_mod.Budget], out: P
         q = r["budget"]["quantity"]
         measured = vs.get(r["name"], {}).get(q) if r["file"] else {"mean": 0.0, "lo": 0.0, "hi": 0.0}
         r["measured"] = measured
-        r["zero_fraction"] = rows[r["name"]]["zero_fraction"] if r["file"] else rows[ref["name"]]["zero_fraction"]
+        r["x"] = rows[r["name"] if r["file"] else ref["name"]][axis]
         r["verdict"] = recipe_mod.verdict(r["predicted"], measured, r["budget"]["limit"]) if measured else None
     doc = {"scan": str(Path(scan_dir).resolve()), "scan_sha256": sha256_of(Path(scan_dir) / scans.FILE),
-           "encoding": enc, "reference": ref, "quantity": budgets[0].quantity,
+           "encoding": enc, "reference": ref, "quantity": budgets[0].quantity, "axis": axis,
            "texts": {"scan": {"file": scan["text"], "sha256": scan["text_sha256"]},
                      "verify": texts.record(held, sha256_of(held))},
            "recipes": made,
-           "globals": {n: {"zero_fraction": rows[n]["zero_fraction"],
+           "globals": {n: {"x": rows[n][axis],
                            "measured": vs.get(n, {}).get(budgets[0].quantity) if n != ref["name"] else None}
                        for n in (ref["name"], enc["name"]) if n in rows},
            "verify": str(out / "verify")}

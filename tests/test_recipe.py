@@ -77,7 +77,9 @@ def test_budgets_sorted():
 def test_recipe_file_round_trip(tmp_path):
     rules = ["blk.0.ffn_down.weight Q4_0_RADIUS=1", "blk.1.attn_q.weight Q4_0_RADIUS=1"]
     recipes.write_recipe(tmp_path / "r.yaml", "recipe-kld0.05", "Q4_0", rules, "from a scan")
-    assert recipes.read_recipe(tmp_path / "r.yaml") == ("recipe-kld0.05", "Q4_0", rules)
+    assert recipes.read_recipe(tmp_path / "r.yaml") == ("recipe-kld0.05", "Q4_0", rules, {})
+    recipes.write_recipe(tmp_path / "t.yaml", "recipe-nll0.1", "Q8_0", [], "types", {"blk.0.ffn_up.weight": "q4_0"})
+    assert recipes.read_recipe(tmp_path / "t.yaml") == ("recipe-nll0.1", "Q8_0", [], {"blk.0.ffn_up.weight": "q4_0"})
     (tmp_path / "bad.yaml").write_text("rules: {a: {type: Q4_0}}\n")
     with pytest.raises(OrchestrateError, match="needs a type and a list"):
         recipes.read_recipe(tmp_path / "bad.yaml")
@@ -99,12 +101,12 @@ def test_recipes_from_a_demo_scan_are_built_and_measured_on_held_out_text(fork, 
     assert doc["texts"]["verify"]["sha256"] == scanned["held_out"]["sha256"] != scanned["text_sha256"]
     small, large = doc["recipes"]
     for r in (small, large):
-        print(r["name"], r["groups"], r["predicted"], r["measured"], r["verdict"], r["zero_fraction"])
+        print(r["name"], r["groups"], r["predicted"], r["measured"], r["verdict"], r["x"])
         assert r["predicted"]["mean"] <= r["budget"]["limit"] and r["measured"]["lo"] is not None
         assert r["verdict"]["budget"] in ("kept", "broken", "not decided (the interval straddles the limit)")
     assert set(small["groups"]) <= set(large["groups"]) or small["gain"] <= large["gain"]
-    ref = doc["globals"]["q4_0"]["zero_fraction"]
-    assert ref < small["zero_fraction"] <= large["zero_fraction"] < doc["globals"]["q4_0-r1"]["zero_fraction"]
+    assert doc["axis"] == "zero_fraction"
+    assert doc["globals"]["q4_0"]["x"] < small["x"] <= large["x"] < doc["globals"]["q4_0-r1"]["x"]
     assert "| `recipe-kld0.1` |" in (tmp_path / "rec" / "recipe.md").read_text() and (tmp_path / "rec" / "frontier.png").exists()
     # the recipe file, given to quantize, makes the very tensors the recipe's own build had
     rows = {r["name"]: r for r in json.loads((tmp_path / "rec" / "verify" / "results.json").read_text())["variants"]}
@@ -118,3 +120,26 @@ def test_recipes_from_a_demo_scan_are_built_and_measured_on_held_out_text(fork, 
     again = orchestrate("recipe", "scan", "--budget", "kld=0.1", "--text", Path(scanned["text"]), "--out", "r2",
                         cwd=tmp_path)
     assert again.returncode == 1 and "the text the scan was made on" in again.stderr
+
+
+def test_a_type_recipe_trades_bits_and_builds_with_a_tensor_type_file(fork, demo_base, tmp_path):
+    import json
+
+    from conftest import orchestrate
+    from orchestrator.study import analysis
+    scan = orchestrate("scan", "--type", "Q4_0", "--reference", "Q8_0", "--by", "kind", "--ctx", "128", "--chunks", "16",
+                       "--threads", "2", "--split-text", "0.5", "--out", "scan", cwd=tmp_path)
+    assert scan.returncode == 0, scan.stderr[-3000:]
+    res = orchestrate("recipe", "scan", "--budget", "nll=0.03,0.15", "--threads", "2", "--out", "rec", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = recipes.load(tmp_path / "rec")
+    small, large = doc["recipes"]
+    print([(r["name"], r["groups"], r["x"], r["predicted"], r["measured"], r["verdict"]) for r in doc["recipes"]])
+    assert doc["axis"] == "bpw" and doc["globals"]["q8_0"]["x"] > small["x"] >= large["x"] > doc["globals"]["q4_0"]["x"]
+    name, qtype, rules, types = recipes.read_recipe(large["file"])
+    assert qtype == "Q8_0" and not rules and set(types.values()) == {"q4_0"}
+    rows = {r["name"]: r for r in json.loads((tmp_path / "rec" / "verify" / "results.json").read_text())["variants"]}
+    made = orchestrate("quantize", demo_base, tmp_path / "mine.gguf", "Q8_0", "--recipe", large["file"], "--threads", "2")
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert analysis.scan(tmp_path / "mine.gguf")["tensor_key"] == rows[name]["tensor_key"]
+    assert not list(tmp_path.glob(".*tensor-types"))  # the type file given to llama-quantize is gone

@@ -18,36 +18,45 @@ def _ci(c: dict | None, fmt: str = "+.4f") -> str:
     return f"{c['mean']:{fmt}} [{c['lo']:{fmt}}, {c['hi']:{fmt}}]"
 
 
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.2f}%"
+AXIS = {"zero_fraction": "zeros among the main type's values (%)", "bpw": "bits per weight (tensor data)"}
+
+
+def _x(doc: dict, x) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.2f}%" if doc["axis"] == "zero_fraction" else f"{x:.3f}"
+
+
+def _plotted(doc: dict, x: float) -> float:
+    return 100 * x if doc["axis"] == "zero_fraction" else x
 
 
 def fig_frontier(doc: dict, out: Path) -> str:
-    """Zeros against the measured effect: every recipe with its interval (hollow: the prediction), and the
+    """Zeros (or bits) against the measured effect: every recipe with its interval (hollow: the prediction), and the
     reference and the global encoding."""
     fig, ax = plt.subplots(figsize=(7, 4.6), layout="constrained")
     for i, r in enumerate(doc["recipes"]):
         m, p = r["measured"], r["predicted"]
         if m:
             err = None if m.get("lo") is None else [[m["mean"] - m["lo"]], [m["hi"] - m["mean"]]]
-            ax.errorbar(100 * r["zero_fraction"], m["mean"], yerr=err, fmt="o", color="C0", capsize=3,
+            ax.errorbar(_plotted(doc, r["x"]), m["mean"], yerr=err, fmt="o", color="C0", capsize=3,
                         label="recipe, measured on held-out text" if i == 0 else None)
         if p and p.get("lo") is not None:  # (a little to the right of the measurement, to be seen)
-            ax.errorbar(100 * r["zero_fraction"] + 0.25, p["mean"], yerr=[[p["mean"] - p["lo"]], [p["hi"] - p["mean"]]],
+            ax.errorbar(_plotted(doc, r["x"]) * 1.005, p["mean"], yerr=[[p["mean"] - p["lo"]], [p["hi"] - p["mean"]]],
                         fmt="o", mfc="none", color="C1", capsize=3, alpha=0.8, label="recipe, predicted" if i == 0 else None)
         ax.axhline(r["budget"]["limit"], color="0.6", lw=0.8, ls=":")
-        ax.annotate(r["name"], (100 * r["zero_fraction"], m["mean"] if m else 0), fontsize=7, xytext=(4, 4),
+        ax.annotate(r["name"], (_plotted(doc, r["x"]), m["mean"] if m else 0), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
     for n, g in doc["globals"].items():
         y = g["measured"]["mean"] if g["measured"] else 0.0
-        ax.plot(100 * g["zero_fraction"], y, "s", color="C3", ms=6)
-        ax.annotate(f"{n} (global)", (100 * g["zero_fraction"], y), fontsize=7, xytext=(4, -10), textcoords="offset points")
-    ax.set_xlabel("zeros among the main type's values (%)")
+        ax.plot(_plotted(doc, g["x"]), y, "s", color="C3", ms=6)
+        ax.annotate(f"{n} (global)", (_plotted(doc, g["x"]), y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.set_xlabel(AXIS[doc["axis"]])
     ax.set_ylabel(f"{LABEL[doc['quantity']]} (held-out text)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(f"Recipes of {doc['encoding']['name']} on {doc['reference']['name']}: zeros against damage "
-                 "(dotted: the budgets)", fontsize=9)
+    ax.set_title(f"Recipes of {doc['encoding']['name']} on {doc['reference']['name']}: "
+                 f"{'zeros' if doc['axis'] == 'zero_fraction' else 'bits'} against damage (dotted: the budgets)", fontsize=9)
     return _save(fig, out, "frontier")
 
 
@@ -57,19 +66,21 @@ def render(doc: dict, figure: str) -> str:
              f"- Scan: `{doc['scan']}` (on `{doc['texts']['scan']['file']}`)",
              f"- Measured on: `{doc['texts']['verify']['file']}` (sha256 `{doc['texts']['verify']['sha256'][:16]}…`), "
              "text the scan did not see; the verifying sweep is in `verify/`", "",
-             "Each recipe takes the encoding on the groups of most zeros whose scanned effects sum to at most the "
+             f"Each recipe takes the encoding on the groups of most {'zeros added' if doc['axis'] == 'zero_fraction' else 'bits saved'} "
+             "whose scanned effects sum to at most the "
              f"budget ({LABEL[q]}). *Predicted*: that sum, its interval the groups' half-widths combined in "
              "quadrature (assumes their errors independent). *Measured*: the recipe's model against the reference "
              "on the held-out text, paired by token, 95% bootstrap interval over chunks. *Additive*: whether the "
              "two intervals meet.", "",
-             "| recipe | groups | zeros | predicted | measured | budget | additive |", "|---|---|---|---|---|---|---|"]
+             f"| recipe | groups | {'zeros' if doc['axis'] == 'zero_fraction' else 'bits/weight'} | predicted | measured "
+             "| budget | additive |", "|---|---|---|---|---|---|---|"]
     recipes = doc["recipes"]
     for i, r in enumerate(recipes):
         v = r["verdict"] or {}
-        lines.append(f"| `{r['name']}` | {len(r['groups'])} | {_pct(r['zero_fraction'])} | {_ci(r['predicted'])} | "
+        lines.append(f"| `{r['name']}` | {len(r['groups'])} | {_x(doc, r['x'])} | {_ci(r['predicted'])} | "
                      f"{_ci(r['measured'])} | {v.get('budget', '–')} | {v.get('additive', '–')} |")
     for n, g in doc["globals"].items():
-        lines.append(f"| `{n}` (global) | – | {_pct(g['zero_fraction'])} | – | "
+        lines.append(f"| `{n}` (global) | – | {_x(doc, g['x'])} | – | "
                      f"{_ci(g['measured']) if g['measured'] else '0 (the reference)'} | – | – |")
     lines.append("")
     for i, r in enumerate(recipes):

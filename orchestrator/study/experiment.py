@@ -20,7 +20,7 @@ from ..tools.imatrix import Imatrix
 
 EXPERIMENT = Hooks(True)  # the experiments' mode with nothing set (a table is fitted in later)
 KEYS = {"name", "description", "types", "tables", "radius", "rules", "perplexity", "tasks", "imatrix"}
-RULE_KEYS = {"type", "radius", "table", "tensors"}
+RULE_KEYS = {"type", "radius", "table", "tensors", "tensor_types"}
 PPL_KEYS = {"ctx", "chunks"}
 
 
@@ -32,6 +32,7 @@ class Variant:
     hooks: Hooks = STOCK       # what the hooks do to its values
     fit: str | None = None     # a table fitted to the base at sweep time (balanced-fit, optimal)
     imatrix: Imatrix | None = None  # the importance matrix llama-quantize is given
+    tensor_types: tuple[tuple[str, str], ...] = ()  # whole-name type overrides (--tensor-type-file)
 
     @property
     def radius(self) -> int | None:
@@ -51,6 +52,8 @@ class Variant:
                 "radius": self.radius, "table": _table_spec(self.table)}
         if self.imatrix:  # (absent otherwise, as the rules)
             spec["imatrix"] = self.imatrix.sha256
+        if self.tensor_types:
+            spec["tensor_types"] = [list(x) for x in self.tensor_types]
         if self.hooks.rules:  # (absent otherwise: the keys of earlier runs stay as they were)
             spec["default_radius"] = self.hooks.radius
             spec["rules"] = [{"pattern": r.pattern, "radius": r.radius, "table_set": r.table_set,
@@ -71,6 +74,7 @@ class RuleSet:
     radius: int = 0
     table: str | None = None
     tensors: tuple[str, ...] = ()
+    tensor_types: tuple[tuple[str, str], ...] = ()  # (tensor name, llama-quantize type) via --tensor-type-file
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,8 @@ class Experiment:
         for rs in self.rules:
             table = table_arg(rs.table, self.table_dir) if rs.table else None
             rules = tuple(rule_arg(t, self.table_dir) for t in rs.tensors)
-            out.append(Variant(rs.name, "rules", rs.qtype, Hooks(True, rs.radius, table, rules)))
+            out.append(Variant(rs.name, "rules", rs.qtype, Hooks(bool(rules) or rs.radius > 0 or table is not None,
+                                                                 rs.radius, table, rules), tensor_types=rs.tensor_types))
         seen: dict[str, Variant] = {}
         for v in out:
             check_name(v.name, "variant name" + (f" (from the table file {v.table.path})" if v.table else ""))
@@ -197,19 +202,25 @@ def _rule_sets(path: Path, data) -> list[RuleSet]:
     out = []
     for name, spec in data.items():
         where = f"{path}: rules.{name}"
-        if not isinstance(spec, dict) or set(spec) - RULE_KEYS or "type" not in spec or "tensors" not in spec:
-            raise OrchestrateError(f"{where}: takes type and tensors, and optionally radius and table")
-        tensors, radius, table = spec["tensors"], spec.get("radius", 0), spec.get("table")
+        if (not isinstance(spec, dict) or set(spec) - RULE_KEYS or "type" not in spec
+                or not ({"tensors", "tensor_types"} & set(spec))):
+            raise OrchestrateError(f"{where}: takes type and tensors (or tensor_types), and optionally radius and table")
+        tensors, radius, table = spec.get("tensors", []), spec.get("radius", 0), spec.get("table")
+        types = spec.get("tensor_types", {})
         if not isinstance(spec["type"], str):
             raise OrchestrateError(f"{where}: type must be a quantization type, like Q4_0")
-        if not isinstance(tensors, list) or not tensors or not all(isinstance(t, str) for t in tensors):
+        if not isinstance(tensors, list) or not all(isinstance(t, str) for t in tensors) or not (tensors or types):
             raise OrchestrateError(f"{where}: tensors must be a list of rules like 'blk.*.ffn_down.weight Q4_0_RADIUS=2'")
+        if (not isinstance(types, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in types.items())
+                or any(c.isspace() for x in types.items() for c in "".join(x))):
+            raise OrchestrateError(f"{where}: tensor_types maps whole tensor names to types, like "
+                                   "{blk.0.ffn_down.weight: Q4_K}")
         if not isinstance(radius, int) or isinstance(radius, bool) or not 0 <= radius <= 7:
             raise OrchestrateError(f"{where}: radius must be an integer 0..7")
         if table is not None and not isinstance(table, str):
             raise OrchestrateError(f"{where}: table must be a table name or file")
         out.append(RuleSet(str(name), spec["type"].upper(), radius, None if table in (None, "off") else table,
-                           tuple(tensors)))
+                           tuple(tensors), tuple((k, v.lower()) for k, v in types.items())))
     return out
 
 

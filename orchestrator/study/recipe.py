@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import OrchestrateError
 from ..files import read_json
-from . import groups, stats
+from . import analysis, groups, stats
 
 RESOLUTION = 2000   # budget steps of the knapsack
 QUANTITIES = {"kld": "mean KLD", "nll": "ln(PPL ratio)"}
@@ -113,27 +113,55 @@ def verdict(pred: dict, measured: dict, limit: float) -> dict:
     return {"budget": budget, "additive": additive, "gap": measured["mean"] - pred["mean"]}
 
 
-def options(scan: dict, quantity: str) -> list[Option]:
-    """A scan's groups as recipe options: each group's effect on quantity, and the zeros it adds
-    (from the reference's and the encoding's histograms, per tensor)."""
+def by_type(scan: dict) -> bool:
+    """A scan of another type (its recipes trade bits), not of a radius or a table (they trade zeros)."""
+    enc = scan["encoding"]
+    return enc.get("radius") is None and enc.get("table") is None
+
+
+def _side_file(row: dict, name: str, why: str) -> Path:
+    path = Path(row["run_dir"]) / name
+    if not path.exists():
+        raise OrchestrateError(f"the scan's {row['name']} {why} ({path}) is gone from the cache: run the scan again")
+    return path
+
+
+def _gains(scan: dict) -> dict[str, int]:
+    """Per tensor, what taking the encoding gains: bits saved (a type scan: R's tensor bytes minus E's,
+    from their files) or zeros added (from R's and E's histograms)."""
     ref, enc = scan["variants"][1], scan["variants"][2]
-    zeros = []
-    for row in (ref, enc):
-        hist = Path(row["run_dir"]) / "hist.json"
-        if not hist.exists():
-            raise OrchestrateError(f"the scan's {row['name']} histograms ({hist}) are gone from the cache: "
-                                   "run the scan again")
-        zeros.append(stats.tensor_zeros(read_json(hist)))
+    if by_type(scan):
+        size = [{t.name: int(t.n_bytes) for t in analysis.open_model(_side_file(r, "model.gguf", "model")).tensors}
+                for r in (ref, enc)]
+        return {t: 8 * (size[0][t] - size[1][t]) for t in size[0] if t in size[1]}
+    zeros = [stats.tensor_zeros(read_json(_side_file(r, "hist.json", "histograms"))) for r in (ref, enc)]
+    return {t: zeros[1][t][0] - zeros[0][t][0] for t in zeros[0] if t in zeros[1]}
+
+
+def options(scan: dict, quantity: str) -> list[Option]:
+    """A scan's groups as recipe options: each group's effect on quantity, and what it gains."""
+    gains = _gains(scan)
     out = []
     for g in scan["groups"]:
         e = g["effects"][quantity]
-        gain = sum(zeros[1][t][0] - zeros[0][t][0] for t in g["tensors"] if t in zeros[0] and t in zeros[1])
-        out.append(Option(g["name"], tuple(g["tensors"]), e["mean"], e["lo"], e["hi"], gain))
+        out.append(Option(g["name"], tuple(g["tensors"]), e["mean"], e["lo"], e["hi"],
+                          sum(gains.get(t, 0) for t in g["tensors"])))
     return out
 
 
 def rules(scan: dict, chosen: list[Option]) -> list[str]:
+    """The TENSOR rules of a radius or table recipe (none for a type recipe)."""
     enc = scan["encoding"]
+    if by_type(scan):
+        return []
     setting = (f"Q4_0_RADIUS={enc['radius']}" if enc.get("radius") is not None
                else f"TABLE_MODE={scan['variants'][2]['table_file']}")
     return [f"{groups.rule_pattern(t)} {setting}" for o in chosen for t in o.tensors]
+
+
+def tensor_types(scan: dict, chosen: list[Option]) -> dict[str, str]:
+    """The type overrides of a type recipe: each chosen tensor the type it has in E's file."""
+    if not by_type(scan):
+        return {}
+    types = groups.tensor_types(_side_file(scan["variants"][2], "model.gguf", "model"))
+    return {t: types[t] for o in chosen for t in o.tensors}

@@ -20,7 +20,7 @@ from ..files import read_json, taken_now, write_atomic, write_json
 from ..results import Row
 from ..tools import perplexity
 from ..tools.quantize import run_quantize
-from . import analysis, plan, stats
+from . import analysis, groups, plan, stats
 from .base import scanned
 from .experiment import Variant
 from .runs import Inputs, RunDir, ScoreDir, run_dir, score_dir
@@ -34,9 +34,13 @@ class KldBase:
 
 
 def _quantize_step(inp: Inputs, v: Variant, run: RunDir, step) -> dict:
+    extra = ["--imatrix", str(v.imatrix.path)] if v.imatrix else []
+    if v.tensor_types:
+        types = dict(v.tensor_types)
+        extra += ["--tensor-type-file", str(groups.type_file(tuple(types), types, run.path / "tensor-types.txt"))]
     try:
         res = run_quantize(inp.fork, inp.base.path, run.model, v.qtype, v.hooks, hist=run.hist, threads=inp.threads,
-                           extra=["--imatrix", str(v.imatrix.path)] if v.imatrix else [],
+                           extra=extra,
                            progress=False, log_path=run.quantize_log, env=inp.llama_env,
                            on_tensor=lambda k, n: step(v, f"quantize, {k}/{n} tensors", detail=True))
     except OrchestrateError as e:
