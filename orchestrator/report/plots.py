@@ -40,6 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..files import printable, read_json, write_atomic  # noqa: E402
+from ..results import fmt_ppl  # noqa: E402
 
 RUN_LABELS = [str(i) for i in range(1, 16)] + ["≥16"]
 PR_SET_PDEATHSIG = 1  # prctl(2), Linux
@@ -230,6 +231,7 @@ def fig_zero_runs(doc, out):
 
 CODEBOOKS = ("nf4", "iq4nl", "uniform")
 FITTED_TABLES = ("optimal", "balanced-fit", "optimal-weighted")
+OFF_CHART = 10  # times the base's perplexity
 FAMILIES = {"base": "k", "legacy quants": "tab:blue", "K-quants": "tab:cyan", "IQ quants": "tab:purple",
             "thesis tables": "tab:orange", "standard codebooks (tables)": "tab:green",
             "fitted tables": "tab:olive", "Q4_0 + zero radius": "tab:red", "per-tensor rules": "tab:brown"}
@@ -257,6 +259,13 @@ def fig_tradeoff(doc, out):
     rows = [r for r in _ok(doc) if r.get("zstd_bpw")]
     if len(rows) < 2:
         return None
+    base = next((r for r in rows if r["kind"] == "base"), None)
+    # the base is a line (its 16 bits per weight would squeeze the rest to one side), and a variant the
+    # encoding broke (perplexity over 10x the base's) is named beside the chart, not drawn
+    broken = [r for r in rows if base and r is not base and r["ppl"] > OFF_CHART * base["ppl"]]
+    rows = [r for r in rows if r is not base and r not in broken]
+    if not rows:
+        return None
     numbered = len(rows) > 12
     fig, ax = plt.subplots(figsize=(9.5 if numbered else 7.5, 5.2), layout="constrained")
     seen = set()
@@ -271,11 +280,17 @@ def fig_tradeoff(doc, out):
         seen.add(fam)
         ax.annotate(str(i) if numbered else printable(r["name"]), (r["zstd_bpw"], r["ppl"]), textcoords="offset points",
                     xytext=(3, 3), fontsize=7)
-    if numbered:
-        key = "\n".join(f"{i:>2} {printable(r['name'])}" for i, r in enumerate(sorted(rows, key=lambda r: r["zstd_bpw"]), 1))
-        fig.text(1.0, 0.5, key, fontsize=6.5, family="monospace", va="center", ha="left", transform=ax.transAxes)
-    _ppl_axis(ax, rows)
-    ax.legend(fontsize=7, loc="upper right", title="family (◇: with an importance matrix)", title_fontsize=7)
+    key = [f"{i:>2} {printable(r['name'])}" for i, r in enumerate(sorted(rows, key=lambda r: r["zstd_bpw"]), 1)]
+    if not numbered:
+        key = []
+    if broken:
+        key += ["", f"off the chart (perplexity > {OFF_CHART:g}x the base's):"]
+        key += [f"   {printable(r['name'])} ({fmt_ppl(r['ppl'])})" for r in broken]
+    if key:
+        fig.text(1.0, 0.5, "\n".join(key), fontsize=6.5, family="monospace", va="center", ha="left", transform=ax.transAxes)
+    _base_line(ax, base)
+    _ppl_axis(ax, rows + ([base] if base else []))
+    ax.legend(fontsize=7, loc="center right", title="family (◇: with an importance matrix)", title_fontsize=7)
     ax.set_xlabel("bits per weight: as stored (hollow) → compressed with zstd (filled); × tables as 4-bit codes")
     ax.set_title("Perplexity against effective bits per weight\n" + _subtitle(doc), fontsize=10)
     ax.grid(alpha=0.3)
