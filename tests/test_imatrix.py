@@ -95,3 +95,21 @@ def test_a_uniform_importance_gives_the_plain_histogram_and_per_tensor_tables_la
         _, sv = analysis.decode(stock[name], analysis.blocks(stock[name]))
         _, mv = analysis.decode(mine[name], analysis.blocks(mine[name]))
         assert np.array_equal(mv, table.translate(sv)), name
+
+
+def test_the_fair_fight_on_the_demo_completes_and_is_ranked(fork, demo_base, tmp_path):
+    # every codebook and fit beside the stock 4-bit types with and without an importance matrix (small
+    # settings: the README quotes the full run)
+    tables = "basic,balanced,nf4,iq4nl,uniform,optimal,optimal-weighted,per-tensor"
+    res = orchestrate("sweep", "--imatrix", "--types", "Q4_0,IQ4_NL,IQ4_XS", "--radius", "none", "--tables", tables,
+                      *SMALL, "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {r["name"]: r for r in doc["variants"]}
+    stock = {f"{t}{s}" for t in ("q4_0", "iq4_nl", "iq4_xs") for s in ("", "-imat")}
+    fitted = {f"q8_0-{t}{s}" for t in tables.split(",") for s in ("", "-imat")}
+    assert set(rows) == {"base"} | stock | fitted and all(r["status"] == "ok" for r in rows.values())
+    pr = doc["paired"]
+    assert set(pr["ranking"]) == set(rows) and pr["groups"] and all(pr["vs_base"][n]["lo"] is not None for n in stock)
+    assert all(4.5 < rows[n]["code_bpw"] < 4.51 for n in fitted) and all(rows[n]["code_bpw"] is None for n in stock)
+    assert (tmp_path / "out" / "ppl_vs_bits.png").exists()
