@@ -82,8 +82,7 @@ def code_bits(hist: dict, bpw: float, elements: int) -> dict:
     coded = [t for t in hist.get("tensors", []) if t.get("bins") == "code"]
     if not coded or not elements:
         return {"table_bpw": None, "code_bpw": None}
-    rules = hist["config"].get("rules") or []
-    tables = {tuple((rules[t["rule"]] if t.get("rule") is not None else hist["config"])["table"]["level"]) for t in coded}
+    tables = {tuple(_coding_table(hist, t)["level"]) for t in coded}
     table_bpw = len(tables) * 16 * 8 / elements
     return {"table_bpw": table_bpw, "code_bpw": bpw - 4 * sum(t["elements"] for t in coded) / elements + table_bpw}
 
@@ -207,7 +206,12 @@ def _zeros(hist: dict, m: dict) -> int:
         return m["values"][-m["bin_min"]]
     if "name" not in m and hist["config"].get("rules"):  # a model total over tensors with tables of their own
         return sum(_zeros(hist, t) for t in hist.get("tensors", []) if t.get("bins") == "code")
-    rule = m.get("rule")
-    table = hist["config"]["rules"][rule].get("table") if rule is not None else hist["config"].get("table")
+    table = _coding_table(hist, m)
     levels = table["level"] if table else []
     return m["values"][levels.index(0)] if 0 in levels else 0
+
+
+def _coding_table(hist: dict, entry: dict) -> dict | None:
+    """The table that coded a histogram entry: its tensor's rule's, or the file's."""
+    rule = entry.get("rule")
+    return hist["config"]["rules"][rule].get("table") if rule is not None else hist["config"].get("table")
