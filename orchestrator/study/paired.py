@@ -66,19 +66,24 @@ def unavailable(n: int) -> str:
             f"(--chunks {MIN_CHUNKS} or more)")
 
 
-def bootstrap_weights(n_chunks: int, draws: int = DRAWS, seed: int = SEED):
-    """Resampling weights (draws, n_chunks), in batches that bound memory: each row says how often
-    each chunk was drawn, divided by n_chunks. They depend only on the chunk count, draws and seed,
-    so every variant and pair is resampled alike (and a pair shows the same interval in the report
-    and in `orchestrate compare`)."""
+def bootstrap_counts(n_chunks: int, draws: int = DRAWS, seed: int = SEED):
+    """How often each chunk is drawn, (draws, n_chunks), in batches that bound memory. They depend only
+    on the chunk count, draws and seed, so every variant and pair is resampled alike (and a pair shows
+    the same interval in the report and in `orchestrate compare`)."""
     rng = np.random.default_rng(seed)
     batch = max(1, min(draws, 4_000_000 // max(1, n_chunks)))
     p = np.full(n_chunks, 1.0 / n_chunks)
     done = 0
     while done < draws:
         k = min(batch, draws - done)
-        yield rng.multinomial(n_chunks, p, size=k) / n_chunks
+        yield rng.multinomial(n_chunks, p, size=k)
         done += k
+
+
+def bootstrap_weights(n_chunks: int, draws: int = DRAWS, seed: int = SEED):
+    """The resampling weights of the means: bootstrap_counts divided by n_chunks."""
+    for counts in bootstrap_counts(n_chunks, draws, seed):
+        yield counts / n_chunks
 
 
 def bootstrap_means(columns: np.ndarray, draws: int = DRAWS, seed: int = SEED) -> np.ndarray:

@@ -19,7 +19,7 @@ study.paired). The estimand is the percentile of the token distribution of text 
 
 import numpy as np
 
-from .paired import MIN_CHUNKS, SEED, bootstrap_weights, expanded_alpha, t_quantile, unavailable
+from .paired import MIN_CHUNKS, SEED, bootstrap_counts, expanded_alpha, t_quantile, unavailable
 from .scores import Scores, check_paired
 
 LEVELS = {"p90": 0.90, "p99": 0.99, "p999": 0.999}
@@ -126,7 +126,7 @@ def tails(scores: dict[str, Scores], reference: str | None, draws: int = DRAWS, 
     if reference in klds:
         out["reference"] = reference
         if enough:
-            counts = np.rint(np.concatenate(list(bootstrap_weights(n_chunk, draws, seed))) * n_chunk).astype(np.int32)
+            counts = np.concatenate(list(bootstrap_counts(n_chunk, draws, seed))).astype(np.int32)
             boot = {n: srt.resampled(counts) for n, srt in sorted_.items()}
         for n in klds:
             if n == reference:
