@@ -66,8 +66,10 @@ def model_and_text(model: Path | None, text: Path | None) -> tuple[Path, Path]:
     return (check_input_file(model or demo.demo_model(), "model"), check_input_file(text or demo.demo_text(), "text"))
 
 
-def _parts(text: Path, split: float | None) -> tuple[Path, texts.Part | None, texts.Part | None]:
-    """The text to score, and the fitting and scoring parts when the text is split."""
+def _parts(text: Path, exp: Experiment, opts: Options) -> tuple[Path, texts.Part | None, texts.Part | None]:
+    """The text a sweep scores, and the fitting and scoring parts when the text is split: as asked, or in
+    half when an importance matrix is made (on text the sweep does not score)."""
+    split = opts.split if opts.split is not None else (0.5 if exp.imatrix else None)
     if split is None:
         return text, None, None
     fit_part, score_part = texts.split(text, split)
@@ -204,8 +206,7 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
     reference = reference or default_reference(names)
     model, text = model_and_text(model, text)
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{model.stem}"
-    # an importance matrix is made on text the sweep does not score: half of it, unless told otherwise
-    text, fit_part, score_part = _parts(text, opts.split if opts.split is not None or not exp.imatrix else 0.5)
+    text, fit_part, score_part = _parts(text, exp, opts)
     with results.locked(out):
         fork = build.build(quiet=False, backend=opts.backend)
         p = prepare(exp, model, text, opts, fork, make_base=True)
@@ -244,7 +245,7 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Opt
     """`sweep --plan`: the variants, which are cached, the disk at the peak against the free space,
     and the time, without running the sweep (at most a one-chunk calibration of the base)."""
     model, text = model_and_text(model, text)
-    p = prepare(exp, model, _parts(text, opts.split)[0], opts, build.current(opts.backend), make_base=False)
+    p = prepare(exp, model, _parts(text, exp, opts)[0], opts, build.current(opts.backend), make_base=False)
     inp = p.inp
     params = plan.model_params(p.model)
     variants = p.exp.variants()
