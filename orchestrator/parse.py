@@ -156,9 +156,10 @@ def parse_answers(mode: str, text: str) -> dict:
                 raise ParseError(f"winogrande answer {k}: running accuracy {shown}% does not follow its answers")
     else:
         right = [round(float(shown) * k / 100) for k, (_, shown, *_) in enumerate(lines, 1)]
-        correct = [b - a == 1 for a, b in zip([0, *right], right)]
-        if any(b - a not in (0, 1) for a, b in zip([0, *right], right)):
+        steps = [b - a for a, b in zip([0, *right], right)]
+        if any(step not in (0, 1) for step in steps):
             raise ParseError(f"{mode}: the running accuracy does not follow one answer at a time")
+        correct = [step == 1 for step in steps]
     final = TASK_FINAL.search(text)
     printed = _f(final.group(1)) if final else float(lines[-1][1])
     return {"correct": "".join("1" if c else "0" for c in correct), "questions": len(correct), "printed": printed,
