@@ -558,8 +558,9 @@ def cache_gc(older_than, keep_last, dry_run):
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for llama-* (default: all cores).")
 @LLAMA_ENV
 def recipe(scan_dir, budget, text, model, out, threads, llama_env):
-    """The most zeros for a damage you accept: from a scan (radius or table), a recipe per budget — the
-    groups that take the encoding — written as a file, built, and measured on text the scan never saw."""
+    """The most zeros (or fewest bits) for a damage you accept: from a scan (radius, table or type), a recipe
+    per budget — the groups that take the encoding — written as a file, built, and measured on text the
+    scan never saw."""
     from . import driver
     from .study.recipe import parse_budgets
     budgets = parse_budgets(budget)
@@ -586,17 +587,10 @@ def recipe(scan_dir, budget, text, model, out, threads, llama_env):
 def imatrix_cmd(model, text, split, ctx, chunks, threads, llama_env):
     """Make (or find in the cache) the importance matrix of MODEL on the first part of TEXT, as a sweep
     with --imatrix does; print its path (for `orchestrate quantize ... -- --imatrix FILE`)."""
-    import os
-
-    from . import driver, texts
-    from .study.base import prepare_base
-    from .tools import imatrix
-    model, text = driver.model_and_text(model, text)
-    fit = texts.split(text, split)[0]
-    fork = build_mod.build(quiet=True)
-    b = prepare_base(model, fork)
-    im = imatrix.make(fork, b.path, b.sha256, fit.path, fit.sha256, ctx, chunks, threads or os.cpu_count() or 1,
-                      _llama_env(llama_env), paths.cache_dir(), say=lambda what: click.echo(what, err=True))
+    from . import driver
+    im = driver.importance_matrix(model, text, split, ctx, chunks,
+                                  driver.Options(threads=threads, llama_env=_llama_env(llama_env)),
+                                  say=lambda what: click.echo(what, err=True))
     click.echo(im.path)
 
 

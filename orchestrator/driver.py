@@ -127,6 +127,18 @@ def _check_imatrix(p: Prepared) -> set[str]:
     return set(need)
 
 
+def importance_matrix(model: Path | None, text: Path | None, split: float, ctx: int, chunks: int, opts: Options,
+                      say=logger.info) -> Imatrix:
+    """`orchestrate imatrix`: the importance matrix of the model (the demo's by default) on the first
+    `split` of the text, as a sweep with --imatrix makes it (from the cache when it was made)."""
+    model, text = model_and_text(model, text)
+    fit_part = texts.split(text, split)[0]
+    fork = build.build(quiet=True, backend=opts.backend)
+    base = prepare_base(model, fork)
+    return imatrix.make(fork, base.path, base.sha256, fit_part.path, fit_part.sha256, ctx, chunks,
+                        opts.threads or os.cpu_count() or 1, dict(opts.llama_env or {}), paths.cache_dir(), say=say)
+
+
 def kld_size_estimate(base: Path, chunks: int, ctx: int) -> int | None:
     """Bytes llama-perplexity will write for the base logits (2 bytes per vocab entry per token)."""
     tokens = analysis.open_model(base).get_field("tokenizer.ggml.tokens")
