@@ -130,6 +130,7 @@ FITTED_AT_SWEEP = FITTED + ("optimal-weighted", "per-tensor")
 # The standard 4-bit codebooks as tables on the Q8_0 grid. A Q8_0 block stores q = round(w / d) with
 # d = absmax / 127, so the grid spans the block's absmax as +-127; each codebook's levels are put on it
 # at that scale, and every int8 value is encoded as its nearest level (ties to the level nearer -128).
+CODEBOOKS = ("nf4", "iq4nl", "uniform")  # codebook_levels' names (the tables in conf/tables/ made from them)
 IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 NF4_OFFSET = 0.9677083  # QLoRA's: the outermost normal quantile used, so that +-1 are the extreme levels
 

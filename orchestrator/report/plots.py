@@ -40,7 +40,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..files import printable, read_json, write_atomic  # noqa: E402
+from ..hooks.tables import CODEBOOKS, FITTED_AT_SWEEP  # noqa: E402
 from ..results import fmt_ppl  # noqa: E402
+from ..study.tails import LEVELS  # noqa: E402
 
 RUN_LABELS = [str(i) for i in range(1, 16)] + ["≥16"]
 PR_SET_PDEATHSIG = 1  # prctl(2), Linux
@@ -229,8 +231,6 @@ def fig_zero_runs(doc, out):
     return _save(fig, out, "zero_runs")
 
 
-CODEBOOKS = ("nf4", "iq4nl", "uniform")
-FITTED_TABLES = ("optimal", "balanced-fit", "optimal-weighted")
 OFF_CHART = 10  # times the base's perplexity
 FAMILIES = {"base": "k", "legacy quants": "tab:blue", "K-quants": "tab:cyan", "IQ quants": "tab:purple",
             "thesis tables": "tab:orange", "standard codebooks (tables)": "tab:green",
@@ -246,7 +246,7 @@ def family(r: dict) -> str:
         return "Q4_0 + zero radius"
     if kind == "table":
         return ("standard codebooks (tables)" if table in CODEBOOKS
-                else "fitted tables" if table in FITTED_TABLES or not table else "thesis tables")
+                else "fitted tables" if table in FITTED_AT_SWEEP or not table else "thesis tables")
     if kind != "stock":
         return "per-tensor rules"
     return "IQ quants" if qtype.startswith("IQ") else "K-quants" if "_K" in qtype else "legacy quants"
@@ -269,7 +269,8 @@ def fig_tradeoff(doc, out):
     numbered = len(rows) > 12
     fig, ax = plt.subplots(figsize=(9.5 if numbered else 7.5, 5.2), layout="constrained")
     seen = set()
-    for i, r in enumerate(sorted(rows, key=lambda r: r["zstd_bpw"]), 1):
+    rows = sorted(rows, key=lambda r: r["zstd_bpw"])
+    for i, r in enumerate(rows, 1):
         fam = family(r)
         c, mark = FAMILIES[fam], "D" if r["name"].endswith("-imat") else "o"
         ax.plot([r["bpw"], r["zstd_bpw"]], [r["ppl"], r["ppl"]], color=c, lw=0.8, alpha=0.5)
@@ -280,9 +281,7 @@ def fig_tradeoff(doc, out):
         seen.add(fam)
         ax.annotate(str(i) if numbered else printable(r["name"]), (r["zstd_bpw"], r["ppl"]), textcoords="offset points",
                     xytext=(3, 3), fontsize=7)
-    key = [f"{i:>2} {printable(r['name'])}" for i, r in enumerate(sorted(rows, key=lambda r: r["zstd_bpw"]), 1)]
-    if not numbered:
-        key = []
+    key = [f"{i:>2} {printable(r['name'])}" for i, r in enumerate(rows, 1)] if numbered else []
     if broken:
         key += ["", f"off the chart (perplexity > {OFF_CHART:g}x the base's):"]
         key += [f"   {printable(r['name'])} ({fmt_ppl(r['ppl'])})" for r in broken]
@@ -386,7 +385,7 @@ def fig_kld_tail(doc, out: Path) -> str | None:
         for k, mark in (("p99", "o"), ("p999", "s")):
             c = t["variants"][name][k]
             if c["lo"] is not None:
-                x = 1 - {"p99": 0.99, "p999": 0.999}[k]
+                x = 1 - LEVELS[k]
                 ax.errorbar(x, max(c["value"], 1e-7), yerr=[[c["value"] - c["lo"]], [c["hi"] - c["value"]]],
                             fmt=mark, color=f"C{i % 10}", ms=3.5, capsize=2)
     ax.set_xscale("log")
