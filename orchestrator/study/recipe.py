@@ -7,8 +7,10 @@ recipe's predicted effect is their sum. Maximising the gain (zeros added) under 
 budget" is a 0/1 knapsack, solved by dynamic programming over costs rounded up to 1/RESOLUTION of the
 budget: the chosen set never breaks the budget on the scan's own figures, and it is optimal up to that
 rounding. The predicted interval combines the groups' half-widths in quadrature, which assumes their
-errors independent; the measurement on held-out text is the real check, and what tells whether the
-additive model held.
+errors independent (tests/test_recipe.py simulates it: coverage 0.99 for independent groups, 0.95 at a
+correlation of 0.5, but 0.87 at 0.8 and 0.82 at 0.95 — groups scored on the same chunks can be that
+correlated); the measurement on held-out text is the real check, and what tells whether the additive
+model held (called failed, when it held, 0.2-1.5% of the time in the same simulation).
 """
 
 import math
