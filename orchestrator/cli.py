@@ -25,6 +25,7 @@ from .errors import OrchestrateError
 from .fork import build as build_mod
 from .fork import patches as patches_mod
 from .fork import upstream
+from .taskfiles import MODES
 
 
 class UserPath(click.Path):
@@ -602,7 +603,7 @@ def task():
 @task.command("make")
 @click.argument("text", type=UserPath(), required=False)
 @click.option("--out", type=UserPath(), required=True, help="The task file to write (refused if it exists).")
-@click.option("--format", "mode", type=click.Choice(["hellaswag", "winogrande", "mc"]), default="hellaswag",
+@click.option("--format", "mode", type=click.Choice(list(MODES)), default="hellaswag",
               show_default=True, help="llama-perplexity's format to write it in.")
 @click.option("--questions", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True, help="Chooses the passages and the wrong endings.")

@@ -391,17 +391,18 @@ def recipe(scan_dir: Path, budgets: list[recipe_mod.Budget], out: Path | None, t
         raise OrchestrateError(f"{scan_dir} was scanned on the whole text: give --text (a text the scan did not "
                                "see), or scan with --split-text to hold part of it out")
     held = check_input_file(held, "held-out text")
-    if texts.overlaps(texts.record(held, sha256_of(held)), scan.get("scanned") or {"sha256": scan["text_sha256"]}):
+    held_record = texts.record(held, sha256_of(held))
+    if texts.overlaps(held_record, scan.get("scanned") or {"sha256": scan["text_sha256"]}):
         raise OrchestrateError(f"{held} is the text the scan was made on: a recipe is measured on other text")
     model = model or Path(scan.get("model") or scan["base"]["path"])
     options = recipe_mod.options(scan, budgets[0].quantity)
     out = Path(out) if out else paths.plots_dir() / f"recipe-{Path(scan_dir).name}"
     with results.locked(out):
-        return out, _recipe(scan, Path(scan_dir), budgets, out, held, opts, model, options)
+        return out, _recipe(scan, Path(scan_dir), budgets, out, held, held_record, opts, model, options)
 
 
-def _recipe(scan: dict, scan_dir: Path, budgets: list[recipe_mod.Budget], out: Path, held: Path, opts: Options,
-            model: Path, options: list[recipe_mod.Option]) -> dict:
+def _recipe(scan: dict, scan_dir: Path, budgets: list[recipe_mod.Budget], out: Path, held: Path, held_record: dict,
+            opts: Options, model: Path, options: list[recipe_mod.Option]) -> dict:
     from .report import recipe_report
     enc, ref = scan["encoding"], scan["reference"]
     by_type = recipe_mod.by_type(scan)
@@ -436,7 +437,7 @@ def _recipe(scan: dict, scan_dir: Path, budgets: list[recipe_mod.Budget], out: P
     doc = {"scan": str(Path(scan_dir).resolve()), "scan_sha256": sha256_of(Path(scan_dir) / scans.FILE),
            "encoding": enc, "reference": ref, "quantity": budgets[0].quantity, "axis": axis,
            "texts": {"scan": {"file": scan["text"], "sha256": scan["text_sha256"]},
-                     "verify": texts.record(held, sha256_of(held))},
+                     "verify": held_record},
            "recipes": made,
            "globals": {n: {"x": rows[n][axis],
                            "measured": vs.get(n, {}).get(budgets[0].quantity) if n != ref["name"] else None}
