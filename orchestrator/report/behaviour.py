@@ -42,8 +42,9 @@ def _pct(x: float) -> str:
 
 
 def _flips(f: dict | None) -> str:
+    """Three table cells: the flips each way, the difference of accuracy, McNemar's p."""
     if not f:
-        return "–"
+        return "– | – | –"
     p = f"{f['p']:.2g}" if f["p"] >= 1e-4 else "<1e-4"
     return (f"{f['right_to_wrong']} / {f['wrong_to_right']} | {100 * f['difference']:+.1f} "
             f"[{100 * f['lo']:+.1f}, {100 * f['hi']:+.1f}] | {p}")
@@ -68,7 +69,6 @@ def render_tasks(doc: dict) -> list[str]:
                   "|" + "---|" * 8]
         for name, v in t["variants"].items():
             lines.append(f"| {name} | {_pct(v['accuracy'])} [{_pct(v['lo'])}, {_pct(v['hi'])}] | "
-                         f"{_flips(v.get('vs_base')) if v.get('vs_base') else '– | – | –'} | "
-                         f"{_flips(v.get('vs_reference')) if v.get('vs_reference') else '– | – | –'} |")
+                         f"{_flips(v.get('vs_base'))} | {_flips(v.get('vs_reference'))} |")
         lines.append("")
     return lines
