@@ -75,7 +75,7 @@ def render(doc: dict, figure: str) -> str:
              f"| recipe | groups | {'zeros' if doc['axis'] == 'zero_fraction' else 'bits/weight'} | predicted | measured "
              "| budget | additive |", "|---|---|---|---|---|---|---|"]
     recipes = doc["recipes"]
-    for i, r in enumerate(recipes):
+    for r in recipes:
         v = r["verdict"] or {}
         lines.append(f"| `{r['name']}` | {len(r['groups'])} | {_x(doc, r['x'])} | {_ci(r['predicted'])} | "
                      f"{_ci(r['measured'])} | {v.get('budget', '–')} | {v.get('additive', '–')} |")
@@ -89,7 +89,7 @@ def render(doc: dict, figure: str) -> str:
             lines.append(f"- **`{r['name']}` broke its budget on the held-out text.** "
                          + (f"The next recipe down that kept its own is `{down['name']}` ({down['file']})."
                             if down else "No smaller recipe kept its budget: try a smaller one."))
-        spared = [g for g in doc["recipes"][-1]["groups"] if g not in r["groups"]] if r is not recipes[-1] else []
+        spared = [g for g in recipes[-1]["groups"] if g not in r["groups"]]
         lines.append(f"- `{r['name']}` ({r['file'] or 'no group fits: the reference itself'}) encodes "
                      f"{', '.join(r['groups']) or 'nothing'}"
                      + (f"; it spares {', '.join(spared)}, which the largest budget takes" if spared else ""))
