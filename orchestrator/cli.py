@@ -61,6 +61,25 @@ def cli():
     """Manage a patched llama.cpp fork for quantization research."""
 
 
+EXECUTOR = click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="Run the work here one piece after another, or as Ray tasks on a cluster "
+                             "(pip install -e '.[ray]').")
+RAY_ADDRESS = click.option("--ray-address", default=None,
+                           help="The Ray cluster's head HOST:PORT (default: $RAY_ADDRESS, else a local Ray "
+                                "started for this run).")
+
+
+def _on_cluster(executor: str, address: str | None) -> bool:
+    """Whether to run on Ray: connected first, so that a bad address fails in one line before any work."""
+    if executor == "ray":
+        from .study import cluster
+        cluster.connect(address)
+        return True
+    if address:
+        raise OrchestrateError("--ray-address needs --executor ray")
+    return False
+
+
 BACKEND = click.option("--backend", type=click.Choice(list(build_mod.BACKENDS)), default="cpu", show_default=True,
                        help="Where llama-perplexity runs (each backend is built in its own directory).")
 
@@ -377,10 +396,8 @@ def quantize(base, out, qtype, mode, radius, table, rules, recipe_file, hist, th
               help="Variant whose per-tensor weight error is drawn as a heat-map (default: the largest radius).")
 @click.option("--reference", default=None,
               help="Variant every other is compared with, token by token (default: q4_0, stock Q4_0).")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Run the variants here one by one, or as Ray tasks on a cluster (pip install -e '.[ray]').")
-@click.option("--ray-address", default=None,
-              help="The Ray cluster's head HOST:PORT (default: $RAY_ADDRESS, else a local Ray started for the sweep).")
+@EXECUTOR
+@RAY_ADDRESS
 @click.option("--plan", "plan_only", is_flag=True,
               help="Say what would run, the disk at its peak and the time; run nothing (at most a one-chunk calibration).")
 @click.option("--force", is_flag=True, help="Start even when the disk looks too small for the sweep.")
@@ -404,12 +421,9 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, tas
             click.echo(line)
         return
     execute = run_local
-    if executor == "ray":
+    if _on_cluster(executor, ray_address):
         from .study import cluster
-        cluster.connect(ray_address)  # fails in one line before any work
         execute = functools.partial(cluster.run, address=ray_address)
-    elif ray_address:
-        raise OrchestrateError("--ray-address needs --executor ray")
     out_dir, doc = driver.sweep(exp, model, text, out, opts, damage_variant=damage_variant, reference=reference,
                                 execute=execute, force=force)
     failed = [r["name"] for r in doc["variants"] if r["status"] != "ok"]
@@ -443,10 +457,12 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, tas
               metavar="SHARE", help="Scan on the first SHARE of the text only; the rest is held out (for `recipe`).")
 @click.option("--plan", "plan_only", is_flag=True,
               help="Say what the scan would run (groups, chunks, disk, time); run nothing.")
+@EXECUTOR
+@RAY_ADDRESS
 @BACKEND
 @LLAMA_ENV
 def scan(radius, table, qtype, reference, by, threshold, width, model, text, out, ctx, chunks, threads, split, plan_only,
-         backend, llama_env):
+         executor, ray_address, backend, llama_env):
     """Where does an encoding hurt? Apply it to one group of tensors at a time (against stock Q4_0 for a
     radius, stock Q8_0 for a table, --reference for a type) and score each group's model against the base,
     adaptively."""
@@ -471,7 +487,9 @@ def scan(radius, table, qtype, reference, by, threshold, width, model, text, out
         for line in driver.plan_scan(exp, by, model, text, opts):
             click.echo(line)
         return
-    out_dir, doc = driver.scan(exp, by, model, text, out, opts, threshold=threshold, width=width)
+    on_cluster = _on_cluster(executor, ray_address)
+    out_dir, doc = driver.scan(exp, by, model, text, out, opts, threshold=threshold, width=width,
+                               address=ray_address, on_cluster=on_cluster)
     top = doc["groups"] and max(doc["groups"], key=lambda g: g["effects"]["kld"]["mean"])
     click.echo(f"{len(doc['groups'])} groups scanned" + (f"; most sensitive: {top['name']}" if top else ""))
     click.echo(f"report: {out_dir / 'scan.md'}")

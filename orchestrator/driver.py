@@ -301,10 +301,29 @@ def _looks(p: Prepared) -> tuple[int, ...]:
     return tuple(sequential.schedule(p.chunks, align=max(1, BATCH // p.inp.ctx)))
 
 
+def _scan_here(inp: Inputs, variants: list[Variant], rows: list[results.Row], by: str, rule: scan_mod.Rule,
+               step) -> list[scan_mod.GroupResult]:
+    """The scan's groups, one after another on this machine."""
+    base, ref, enc = rows
+    sides = []
+    for v, r in zip(variants[1:], rows[1:]):
+        run = kept_model(inp, v, step)
+        sides.append(scan_mod.Side(r.name, run.model, v.qtype, r.tensor_key, Path(r.scores_file)))
+    changed = groups.changed_tensors(sides[0].model, sides[1].model)
+    if not changed:
+        raise OrchestrateError(f"{enc.name} changes no tensor of {ref.name}: there is nothing to scan")
+    gs = groups.make_groups(changed, by)
+    logger.info("scan: %d group%s by %s, looks after %s chunks", len(gs), "s" * (len(gs) != 1), by,
+                ", ".join(map(str, rule.looks)))
+    return scan_mod.run_scan(inp, *sides, gs, rule, ScoreDir(Path(base.score_dir)).logits)
+
+
 def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: Path | None, opts: Options = Options(),
-         threshold: float | None = None, width: float | None = None) -> tuple[Path, dict]:
+         threshold: float | None = None, width: float | None = None, address: str | None = None,
+         on_cluster: bool = False) -> tuple[Path, dict]:
     """`orchestrate scan`: exp holds the reference (a stock type) and the encoding (a radius or a table
-    on that type); each group of the tensors the encoding changes is scored alone, adaptively."""
+    on that type); each group of the tensors the encoding changes is scored alone, adaptively: here,
+    or with on_cluster as Ray tasks (the cluster at address)."""
     from .report import scan_report
     model, text = model_and_text(model, text)
     out = Path(out) if out else paths.plots_dir() / f"{exp.name}-{by}-{model.stem}"
@@ -321,24 +340,22 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
         if unfit:
             raise OrchestrateError(next(iter(unfit.values())))
         display = Display(variants)
-        rows = run_local(variants, inp, True, display, {}, functools.partial(cache.record, sweep=out))
+        record = functools.partial(cache.record, sweep=out)
+        if on_cluster:
+            from .study import cluster
+            rows = cluster.run(variants, inp, True, display, {}, record, address=address)
+        else:
+            rows = run_local(variants, inp, True, display, {}, record)
         for r in rows:
             if r.status != "ok":
                 raise OrchestrateError(f"{r.name} failed: {r.reason}" + (f" (log: {r.log})" if r.log else ""))
         base, ref, enc = rows
-        sides = []
-        for v, r in ((variants[1], ref), (variants[2], enc)):
-            run = kept_model(inp, v, display.step)
-            sides.append(scan_mod.Side(r.name, run.model, v.qtype, r.tensor_key, Path(r.scores_file)))
-        changed = groups.changed_tensors(sides[0].model, sides[1].model)
-        if not changed:
-            raise OrchestrateError(f"{enc.name} changes no tensor of {ref.name}: there is nothing to scan")
-        gs = groups.make_groups(changed, by)
         rule = scan_mod.Rule(_looks(p), threshold, width)
-        logger.info("scan: %d group%s by %s, looks after %s chunks", len(gs), "s" * (len(gs) != 1), by,
-                    ", ".join(map(str, rule.looks)))
-        logits = ScoreDir(Path(base.score_dir)).logits
-        found = scan_mod.run_scan(inp, *sides, gs, rule, logits)
+        if on_cluster:
+            found = cluster.run_scan(inp, variants, rows, by, rule, address)
+        else:
+            found = _scan_here(inp, variants, rows, by, rule, display.step)
+        logits = None if on_cluster else ScoreDir(Path(base.score_dir)).logits  # (a cluster's stay on its nodes)
         settings = {"by": by, "looks": list(rule.looks), "threshold": threshold, "width": width,
                     "confidence": paired.CONFIDENCE, "ctx": inp.ctx, "chunks": p.chunks, "threads": inp.threads}
         doc = scans.document(settings, {"name": enc.name, "type": enc.type, "radius": enc.radius, "table": enc.table},

@@ -15,13 +15,13 @@ CSV_COLUMNS = ("rank", "group", "layer", "kind", "tensors", "chunks", "verdict",
                "nll_effect", "nll_lo", "nll_hi")
 
 
-def document(settings: dict, encoding: dict, reference: dict, base, logits: Path, text: Path, text_sha256: str, fork,
+def document(settings: dict, encoding: dict, reference: dict, base, logits: Path | None, text: Path, text_sha256: str, fork,
              variants: list[dict], groups: list[dict]) -> dict:
     """settings: by, looks, threshold, width, confidence, ctx, chunks; variants: the base's, R's and E's
     rows (results.Row.to_dict()); groups: GroupResult.to_dict()s; logits: the base's, which every group
-    was scored against (KLD)."""
+    was scored against (KLD; None when they stayed on a cluster's nodes)."""
     return {"schema": SCHEMA, "settings": settings, "encoding": encoding, "reference": reference,
-            "base": {"path": str(base.path), "sha256": base.sha256, "logits": str(logits)},
+            "base": {"path": str(base.path), "sha256": base.sha256, "logits": str(logits) if logits else None},
             "text": str(text), "text_sha256": text_sha256,
             "fork": fork.id, "variants": variants, "groups": groups}
 

@@ -251,3 +251,49 @@ def test_bad_cluster_inputs(cluster, demo_base, tmp_path):
     one_line_error(res, f"node 127.0.0.1 cannot read the base model {model}")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
     assert not list((cache).glob("runs/*/result.json"))
+
+
+SCAN = ["scan", "--radius", "1", "--by", "kind", "--ctx", "128", "--chunks", "16", "--threshold", "0.05",
+        "--threads", "1"]
+
+
+def scan_groups(out: Path) -> dict:
+    return {g["name"]: g for g in json.loads((out / "scan.json").read_text())["groups"]}
+
+
+def test_a_scan_on_the_cluster_gives_the_local_scan(cluster, fork, tmp_path):
+    forget_worker_runs(cluster)
+    shutil.rmtree(cluster["worker_cache"] / "scans", ignore_errors=True)
+    here = orchestrate(*SCAN, "--out", tmp_path / "here", env={"ORCHESTRATE_CACHE": str(fresh_cache(tmp_path / "c1"))})
+    assert here.returncode == 0, here.stderr[-3000:]
+    cache = fresh_cache(tmp_path / "c2")
+    res = in_cluster(cluster, [*SCAN, "--out", tmp_path / "ray", "--executor", "ray", "--ray-address",
+                               cluster["address"]], cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    local, remote = scan_groups(tmp_path / "here"), scan_groups(tmp_path / "ray")
+    assert list(local) == list(remote) and len(local) == 7
+    for name, g in remote.items():
+        assert g["chunks"] == local[name]["chunks"] and g["verdict"] == local[name]["verdict"], name
+        for q in ("kld", "nll"):
+            for k in ("mean", "lo", "hi"):
+                assert g["effects"][q][k] == pytest.approx(local[name]["effects"][q][k], rel=1e-9, abs=1e-12)
+        # its rounds came back into the driver's cache; its model stayed on the node
+        d = Path(g["scan_dir"])
+        assert d.is_relative_to(cache / "scans") and (d / "result.json").exists() and not (d / "model.gguf").exists()
+        assert (d / "chunks-0-16.bin").read_bytes() == (Path(local[name]["scan_dir"]) / "chunks-0-16.bin").read_bytes()
+    assert "on 127.0.0.1" in res.stderr
+    # a local scan on the driver's cache scores nothing again
+    rounds = {p: p.stat().st_mtime_ns for g in remote.values() for p in Path(g["scan_dir"]).glob("chunks-*")}
+    again = orchestrate(*SCAN, "--out", tmp_path / "again", env={"ORCHESTRATE_CACHE": str(cache)})
+    assert again.returncode == 0 and ": chunks " not in again.stderr, again.stderr[-3000:]
+    assert scan_groups(tmp_path / "again") == remote
+    assert all(p.stat().st_mtime_ns == t for p, t in rounds.items())
+    # a group the driver has rounds of (its verdict lost) is finished on the cluster without scoring them again
+    g = remote["ffn_down"]
+    (Path(g["scan_dir"]) / "result.json").unlink()
+    shutil.rmtree(cluster["worker_cache"] / "scans")
+    res = in_cluster(cluster, [*SCAN, "--out", tmp_path / "ray", "--executor", "ray", "--ray-address",
+                               cluster["address"]], cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    back = scan_groups(tmp_path / "ray")["ffn_down"]
+    assert back["seconds"] == 0 and back["effects"] == g["effects"]

@@ -1,4 +1,4 @@
-"""Run a sweep's variants as Ray tasks on a cluster (`sweep --executor ray`).
+"""Run a sweep's variants, or a scan's groups, as Ray tasks on a cluster (`--executor ray`).
 
 Each variant is one task that asks for what it needs (--threads CPUs; a GPU when the fork
 has a GPU backend), so Ray runs as many at once as the cluster holds. A task works in its
@@ -10,9 +10,14 @@ the driver writes into its own cache, result.json last, so the driver's cache st
 source of truth and a re-run (local or not) finds the variant done. Models and logits stay
 on the worker. A task whose worker dies is retried by Ray; the driver holds each in-flight
 variant's run lock, which the OS releases if the driver dies.
+
+A scan's groups go the same way (run_scan): each group is a task that makes R's and E's models and
+the base's logits once per node, takes the rounds the driver already has (a chunk scored once is
+never scored again) and brings its rounds and verdict back into the driver's scan directory.
 """
 
 import contextlib
+import logging
 import os
 import socket
 import sys
@@ -25,11 +30,13 @@ from .. import paths
 from ..errors import OrchestrateError
 from ..files import read_text, write_atomic, write_json
 from ..results import Row
-from . import runner
+from . import runner, scan as scan_mod
+from .groups import Group
 from .runs import Inputs, RunDir, ScoreDir, run_dir, score_dir
 from .base import scanned
 from .experiment import Variant
 
+logger = logging.getLogger(__name__)
 INSTALL = "pip install -e '.[ray]'"
 RETRIES = 2  # re-runs of a variant whose worker process or node died
 
@@ -275,3 +282,109 @@ def run(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit:
         for _, lock, _ in pending.values():
             lock.release()
     return [rows[v.name] for v in variants]
+
+
+# ---- a scan's groups ------------------------------------------------------------------------
+
+def _changed(inp: Inputs, variants: list[Variant]) -> list[str]:
+    """On a worker: the tensors E changes in R (from their models, made in its cache if need be)."""
+    from . import groups
+    winp = worker_inputs(inp, variants)
+    models = [_kept(winp, v) for v in variants[1:]]
+    return groups.changed_tensors(*models)
+
+
+def _kept(winp: Inputs, v: Variant) -> Path:
+    run_dir(winp, v).path.mkdir(parents=True, exist_ok=True)
+    return runner.kept_model(winp, v, lambda *a, **k: None).model
+
+
+def scan_task(inp: Inputs, variants: list[Variant], keys: tuple[str, str, str], g: Group, rule, ref_means: dict,
+              rounds: dict[str, bytes], board) -> dict:
+    """One scan group on a worker, from the rounds the driver has to its verdict; returns its rounds."""
+    node, start = _node(), time.time()
+    import_ray().get(board.started.remote(g.name, node, start))
+    out = {"node": node, "start": start}
+    try:
+        winp = worker_inputs(inp, variants)
+        base_v, ref_v, enc_v = variants
+        sdir = score_dir(winp, keys[0], None)  # this node's own copy of the base's logits, made once
+        runner.scored(winp, base_v, winp.base.path, sdir, None, lambda *a, **k: None)
+        ref, enc = (scan_mod.Side(v.name, _kept(winp, v), v.qtype, key, None) for v, key in zip(variants[1:], keys[1:]))
+        d = scan_mod.group_dir(winp, ref, enc, g)
+        d.path.mkdir(parents=True, exist_ok=True)
+        for name, data in rounds.items():
+            if not (d.path / name).exists():
+                write_atomic(d.path / name, data)
+        scan_mod.scan_group(winp, ref, enc, g, rule, ref_means, sdir.logits,
+                            lambda group, what: board.step.remote(group.name, what))
+        out.update(ok=True, rounds=d.rounds(), result=d.result.read_bytes())
+    except OrchestrateError as e:
+        out.update(ok=False, reason=f"on node {node}: {e}")
+    except Exception as e:  # a bug: its trace, in the message
+        out.update(ok=False, reason=f"on node {node}: internal error: {''.join(traceback.format_exception(e))}")
+    out["end"] = time.time()
+    return out
+
+
+def run_scan(inp: Inputs, variants: list[Variant], rows: list[Row], gs_by: str, rule, address: str | None):
+    """A scan's groups as Ray tasks, after its base, R and E ran (rows, in the driver's cache): the tensors
+    E changes (asked of a worker, which has the models), then every group not finished here."""
+    from . import groups
+    ray = connect(address)
+    base, ref_row, enc_row = rows
+    ref = scan_mod.Side(ref_row.name, Path(), variants[1].qtype, ref_row.tensor_key, Path(ref_row.scores_file))
+    enc = scan_mod.Side(enc_row.name, Path(), variants[2].qtype, enc_row.tensor_key, None)
+    ref_means = scan_mod.reference_means(ref, rule)
+    quiet = {"num_cpus": inp.threads, "num_gpus": 0, "max_retries": RETRIES, "retry_exceptions": False}
+    changed = ray.get(ray.remote(_changed).options(**quiet).remote(inp, variants))
+    if not changed:
+        raise OrchestrateError(f"{enc.name} changes no tensor of {ref.name}: there is nothing to scan")
+    gs = groups.make_groups(changed, gs_by)
+    logger.info(f"scan: {len(gs)} group{'s' * (len(gs) != 1)} by {gs_by} on the cluster, looks after "
+                f"{', '.join(map(str, rule.looks))} chunks")
+    keys = (scanned(inp.base)["tensor_key"], ref.tensors, enc.tensors)
+    board = ray.remote(Board).options(num_cpus=0).remote()
+    task = ray.remote(scan_task).options(num_cpus=inp.threads, num_gpus=1 if inp.fork.gpu else 0,
+                                         max_retries=RETRIES, retry_exceptions=False)
+    found, pending = {}, {}
+    for g in gs:
+        d = scan_mod.group_dir(inp, ref, enc, g)
+        d.path.mkdir(parents=True, exist_ok=True)
+        if (done := scan_mod.finished(d, g, rule)) is not None:
+            found[g.name] = done
+            continue
+        lock = d.lock
+        lock.acquire()
+        pending[task.remote(inp, variants, keys, g, rule, ref_means, d.rounds(), board)] = (g, d, lock)
+    t0 = time.monotonic()
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=30.0)
+            if not done:
+                running, _ = ray.get(board.snapshot.remote())
+                logger.info(f"scan: {len(found)}/{len(gs)} groups done; {_status(running, time.time())}")
+            for ref_ in done:
+                g, d, lock = pending.pop(ref_)
+                try:
+                    res = ray.get(ref_)
+                except Exception as e:  # the task itself was lost (retries spent, node gone)
+                    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    raise OrchestrateError(f"scan group {g.name} lost on the cluster: {reason}") from None
+                finally:
+                    lock.release()
+                board.done.remote(g.name)
+                if not res["ok"]:
+                    raise OrchestrateError(f"scan group {g.name}: {res['reason']}")
+                for name, data in res["rounds"].items():
+                    write_atomic(d.path / name, data)
+                write_atomic(d.result, res["result"])  # last: the group is finished here
+                found[g.name] = scan_mod.finished(d, g, rule)
+                logger.info(f"scan {len(found)}/{len(gs)} {g.name}: {found[g.name].verdict} after "
+                            f"{found[g.name].chunks} chunks on {res['node']} ({time.monotonic() - t0:.0f} s so far)")
+    finally:
+        for ref_ in pending:
+            ray.cancel(ref_, force=True)
+        for _, _, lock in pending.values():
+            lock.release()
+    return [found[g.name] for g in gs]

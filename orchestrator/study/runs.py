@@ -101,6 +101,10 @@ class ScanDir:
     def log(self, a: int, b: int) -> Path:
         return self.path / f"chunks-{a}-{b}.log"
 
+    def rounds(self) -> dict[str, bytes]:
+        """Its rounds' scores and logs by file name: what a cluster task takes and brings back."""
+        return {f.name: f.read_bytes() for f in sorted(self.path.glob("chunks-*"))}
+
 
 def quantize_type(q: dict) -> str:
     """The llama-quantize type of a run's quantize.json (its command: [tool, *extra, base, out, TYPE, threads])."""

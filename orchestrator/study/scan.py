@@ -34,7 +34,7 @@ class Side:
     model: Path
     qtype: str
     tensors: str
-    scores: Path
+    scores: Path | None   # (None on a cluster node: groups are compared with the driver's R)
 
 
 @dataclass(frozen=True)
@@ -99,13 +99,11 @@ def _diffs(d: ScanDir, ref_means: dict, looks: tuple[int, ...], upto: int) -> di
 def scan_group(inp: Inputs, ref: Side, enc: Side, g: Group, rule: Rule, ref_means: dict, kld_base: Path,
                say) -> GroupResult:
     """One group, from where a previous scan of it stopped (its kept rounds) to its verdict."""
-    d = scan_dir(inp, ref.tensors, enc.tensors, g.tensors)
+    d = group_dir(inp, ref, enc, g)
     d.path.mkdir(parents=True, exist_ok=True)
     with d.lock:
-        if d.result.exists():
-            kept = read_json(d.result)
-            if kept["rule"] == [list(rule.looks), rule.threshold, rule.width]:
-                return _result(g, kept, d)
+        if (done := finished(d, g, rule)) is not None:
+            return done
         seconds = 0.0
         try:
             for a, b in zip((0,) + rule.looks, rule.looks):
@@ -121,11 +119,28 @@ def scan_group(inp: Inputs, ref: Side, enc: Side, g: Group, rule: Rule, ref_mean
             raise ToolError(f"scan group {g.name}: {e}", d.path) from None
         alpha = (1 - sequential.CONFIDENCE) / len(rule.looks)  # the stopping look's level, for every quantity
         effects = {q: Effect(*sequential.interval(x, alpha)) for q, x in diffs.items()}
-        kept = {"rule": [list(rule.looks), rule.threshold, rule.width], "chunks": v.chunks, "verdict": v.verdict,
+        kept = {"rule": _rule_key(rule), "chunks": v.chunks, "verdict": v.verdict,
                 "effects": {q: asdict(e) for q, e in effects.items()}, "seconds": seconds}
         write_json(d.result, kept)
         d.model.unlink(missing_ok=True)
         return _result(g, kept, d)
+
+
+def group_dir(inp: Inputs, ref: Side, enc: Side, g: Group) -> ScanDir:
+    return scan_dir(inp, ref.tensors, enc.tensors, g.tensors)
+
+
+def _rule_key(rule: Rule) -> list:
+    return [list(rule.looks), rule.threshold, rule.width]
+
+
+def finished(d: ScanDir, g: Group, rule: Rule) -> GroupResult | None:
+    """The group's result when a scan under the same rule finished it here, else None."""
+    if d.result.exists():
+        kept = read_json(d.result)
+        if kept["rule"] == _rule_key(rule):
+            return _result(g, kept, d)
+    return None
 
 
 def _result(g: Group, kept: dict, d: ScanDir) -> GroupResult:
@@ -133,13 +148,18 @@ def _result(g: Group, kept: dict, d: ScanDir) -> GroupResult:
                        kept["seconds"], str(d.path))
 
 
-def run_scan(inp: Inputs, ref: Side, enc: Side, gs: list[Group], rule: Rule, kld_base: Path) -> list[GroupResult]:
-    """Every group in turn (each to its own verdict), saying which round runs."""
+def reference_means(ref: Side, rule: Rule) -> dict[str, np.ndarray]:
+    """R's per-chunk means, per quantity: what every group is compared with."""
     ref_scores = scores.read(ref.scores)
     if ref_scores.n_chunk < rule.looks[-1] or "kld" not in ref_scores.arrays:
         raise OrchestrateError(f"{ref.name}'s scores hold {ref_scores.n_chunk} chunks without KLD; the scan needs "
                                f"KLD over {rule.looks[-1]}")
-    ref_means = {q: chunk_means(ref_scores, q) for q in QUANTITIES}
+    return {q: chunk_means(ref_scores, q) for q in QUANTITIES}
+
+
+def run_scan(inp: Inputs, ref: Side, enc: Side, gs: list[Group], rule: Rule, kld_base: Path) -> list[GroupResult]:
+    """Every group in turn (each to its own verdict), saying which round runs."""
+    ref_means = reference_means(ref, rule)
     out = []
     t0 = time.monotonic()
     for i, g in enumerate(gs):
