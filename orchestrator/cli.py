@@ -567,23 +567,23 @@ def cache_gc(older_than, keep_last, dry_run):
 
 
 @cli.command()
-@click.argument("scan_dir", type=UserPath())
+@click.argument("scan_dirs", nargs=-1, required=True, type=UserPath())
 @click.option("--budget", "budget", required=True, metavar="QUANTITY=LIMIT[,LIMIT...]",
               help="kld=0.05 (mean KLD over the reference's) or nll=0.02 (ln PPL ratio); several limits: a frontier.")
 @click.option("--text", type=UserPath(), default=None,
               help="Text to measure the recipes on (default: the part of the scan's text it held out, --split-text).")
 @click.option("--model", type=UserPath(), default=None, help="The scan's model, if it has moved.")
-@click.option("--out", type=UserPath(), default=None, help="Output directory (default: plots/recipe-<scan>).")
+@click.option("--out", type=UserPath(), default=None, help="Output directory (default: plots/recipe-<scans>).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for llama-* (default: all cores).")
 @LLAMA_ENV
-def recipe(scan_dir, budget, text, model, out, threads, llama_env):
-    """The most zeros (or fewest bits) for a damage you accept: from a scan (radius, table or type), a recipe
-    per budget — the groups that take the encoding — written as a file, built, and measured on text the
-    scan never saw."""
+def recipe(scan_dirs, budget, text, model, out, threads, llama_env):
+    """The most zeros (or fewest bits) for a damage you accept: from one or more scans (radius, table or type)
+    against one reference, a recipe per budget — which group takes which encoding — written as a file,
+    built, and measured on text the scans never saw."""
     from . import driver
     from .study.recipe import parse_budgets
     budgets = parse_budgets(budget)
-    out_dir, doc = driver.recipe(scan_dir, budgets, out, text,
+    out_dir, doc = driver.recipe(list(scan_dirs), budgets, out, text,
                                  driver.Options(threads=threads, llama_env=_llama_env(llama_env)), model=model)
     for r in doc["recipes"]:
         v = r["verdict"] or {}

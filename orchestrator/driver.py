@@ -398,67 +398,83 @@ def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, o
                     f"{most} if no group stops early; one group model at a time on disk beside R's and E's"]
 
 
-def recipe(scan_dir: Path, budgets: list[recipe_mod.Budget], out: Path | None, text: Path | None,
+def recipe(scan_dirs: list[Path], budgets: list[recipe_mod.Budget], out: Path | None, text: Path | None,
            opts: Options = Options(), model: Path | None = None) -> tuple[Path, dict]:
-    """`orchestrate recipe`: a recipe per budget from a scan, each built and measured on text the scan
-    did not see (its held-out part, or `text`) against the reference and the global encoding."""
-    scan = scans.load(scan_dir)
-    held = text or (Path(scan["held_out"]["file"]) if scan.get("held_out") else None)
+    """`orchestrate recipe`: a recipe per budget from one or more scans (against one reference), each
+    built and measured on text the scans did not see (their held-out part, or `text`) against the
+    reference and each global encoding."""
+    scan_dirs = [Path(d) for d in scan_dirs]
+    found = [scans.load(d) for d in scan_dirs]
+    recipe_mod.check_together(found)
+    first = found[0]
+    held = text or (Path(first["held_out"]["file"]) if first.get("held_out") else None)
     if held is None:
-        raise OrchestrateError(f"{scan_dir} was scanned on the whole text: give --text (a text the scan did not "
-                               "see), or scan with --split-text to hold part of it out")
+        raise OrchestrateError(f"{scan_dirs[0]} was scanned on the whole text: give --text (a text the scan did "
+                               "not see), or scan with --split-text to hold part of it out")
     held = check_input_file(held, "held-out text")
     held_record = texts.record(held, sha256_of(held))
-    if texts.overlaps(held_record, scan.get("scanned") or {"sha256": scan["text_sha256"]}):
+    if texts.overlaps(held_record, first.get("scanned") or {"sha256": first["text_sha256"]}):
         raise OrchestrateError(f"{held} is the text the scan was made on: a recipe is measured on other text")
-    model = model or Path(scan.get("model") or scan["base"]["path"])
-    options = recipe_mod.options(scan, budgets[0].quantity)
-    out = Path(out) if out else paths.plots_dir() / f"recipe-{Path(scan_dir).name}"
+    model = model or Path(first.get("model") or first["base"]["path"])
+    options = recipe_mod.options(found, budgets[0].quantity)
+    out = Path(out) if out else paths.plots_dir() / f"recipe-{'-'.join(d.name for d in scan_dirs)}"
     with results.locked(out):
-        return out, _recipe(scan, Path(scan_dir), budgets, out, held, held_record, opts, model, options)
+        return out, _recipe(found, scan_dirs, budgets, out, held, held_record, opts, model, options)
 
 
-def _recipe(scan: dict, scan_dir: Path, budgets: list[recipe_mod.Budget], out: Path, held: Path, held_record: dict,
-            opts: Options, model: Path, options: list[recipe_mod.Option]) -> dict:
+def _recipe(found: list[dict], scan_dirs: list[Path], budgets: list[recipe_mod.Budget], out: Path, held: Path,
+            held_record: dict, opts: Options, model: Path, options: list[recipe_mod.Option]) -> dict:
     from .report import recipe_report
-    enc, ref = scan["encoding"], scan["reference"]
-    by_type = recipe_mod.by_type(scan)
+    first, ref = found[0], found[0]["reference"]
+    encs = [sc["encoding"] for sc in found]
+    by_type = recipe_mod.by_type(first)
     axis = "bpw" if by_type else "zero_fraction"  # what a recipe gains: bits (a type scan) or zeros
+    n_looks = min(len(sc["settings"]["looks"]) for sc in found)
     made = []
     for b in budgets:
         chosen = recipe_mod.choose(options, b.limit)
         name = f"recipe-{b.quantity}{b.limit:g}"
-        rules, types = recipe_mod.rules(scan, chosen), recipe_mod.tensor_types(scan, chosen)
-        note = (f"{len(chosen)} of {len(options)} groups of {enc['name']} on {ref['type']} for {b.label}, from the "
-                f"scan {Path(scan_dir).resolve()}")
+        rules, types = recipe_mod.rules(found, chosen), recipe_mod.tensor_types(found, chosen)
+        note = (f"{len(chosen)} of {len({o.group for o in options})} groups of {' or '.join(e['name'] for e in encs)} "
+                f"on {ref['type']} for {b.label}, from the scan{'s' * (len(found) > 1)} "
+                f"{', '.join(str(d.resolve()) for d in scan_dirs)}")
         path = recipes.write_recipe(out / f"{name}.yaml", name, ref["type"], rules, note, types) if chosen else None
         made.append({"name": name, "budget": {"quantity": b.quantity, "limit": b.limit}, "file": str(path) if path else None,
-                     "groups": [o.group for o in chosen], "gain": sum(o.gain for o in chosen),
-                     "predicted": recipe_mod.predicted(chosen), "rules": len(rules) + len(types)})
+                     "groups": [o.group for o in chosen], "choices": {o.group: encs[o.scan]["name"] for o in chosen},
+                     "gain": sum(o.gain for o in chosen), "predicted": recipe_mod.predicted(chosen, n_looks),
+                     "rules": len(rules) + len(types)})
     built = [recipes.read_recipe(Path(r["file"])) for r in made if r["file"]]
-    exp = Experiment(f"verify-{Path(scan_dir).name}", types=[ref["type"]] + ([enc["type"]] if by_type else []),
-                     ctx=scan["settings"]["ctx"], chunks=scan["settings"]["chunks"],
-                     radius=[enc["radius"]] if enc.get("radius") is not None else [],
-                     tables=[scan["variants"][2]["table_file"]] if enc.get("table") else [],
+    exp = Experiment(f"verify-{'-'.join(d.name for d in scan_dirs)}",
+                     types=[ref["type"]] + ([e["type"] for e in encs] if by_type else []),
+                     ctx=first["settings"]["ctx"], chunks=first["settings"]["chunks"],
+                     radius=[e["radius"] for e in encs if e.get("radius") is not None],
+                     tables=[sc["variants"][2]["table_file"] for sc in found if sc["encoding"].get("table")],
                      rules=[RuleSet(name, qtype, tensors=tuple(rules), tensor_types=tuple(types.items()))
                             for name, qtype, rules, types in built])
     _, sweep_doc = sweep(exp, model, held, out / "verify", replace(opts, kld=True), reference=ref["name"])
     rows = {r["name"]: r for r in sweep_doc["variants"]}
     vs = sweep_doc["paired"].get("vs_reference", {})
+    q = budgets[0].quantity
+    chunks = {n: scan_mod.chunk_means(scores.read(results.scores_path(out / "verify", n)), q)
+              for n, row in rows.items() if row["status"] == "ok" and row["kind"] != "base"}
+    global_names = [n for n in [ref["name"]] + [e["name"] for e in encs] if n in chunks]
     for r in made:
-        q = r["budget"]["quantity"]
         measured = vs.get(r["name"], {}).get(q) if r["file"] else {"mean": 0.0, "lo": 0.0, "hi": 0.0}
         r["measured"] = measured
         r["x"] = rows[r["name"] if r["file"] else ref["name"]][axis]
         r["verdict"] = recipe_mod.verdict(r["predicted"], measured, r["budget"]["limit"]) if measured else None
-    doc = {"scan": str(Path(scan_dir).resolve()), "scan_sha256": sha256_of(Path(scan_dir) / scans.FILE),
-           "encoding": enc, "reference": ref, "quantity": budgets[0].quantity, "axis": axis,
-           "texts": {"scan": {"file": scan["text"], "sha256": scan["text_sha256"]},
+        r["vs_globals"] = (recipe_mod.against_globals(r["x"], chunks[r["name"]],
+                                                      [(n, rows[n][axis], chunks[n]) for n in global_names])
+                           if r["name"] in chunks else None)
+    doc = {"scans": [{"dir": str(d.resolve()), "sha256": sha256_of(d / scans.FILE), "encoding": e}
+                     for d, e in zip(scan_dirs, encs)],
+           "reference": ref, "quantity": budgets[0].quantity, "axis": axis,
+           "texts": {"scan": {"file": first["text"], "sha256": first["text_sha256"]},
                      "verify": held_record},
            "recipes": made,
            "globals": {n: {"x": rows[n][axis],
                            "measured": vs.get(n, {}).get(budgets[0].quantity) if n != ref["name"] else None}
-                       for n in (ref["name"], enc["name"]) if n in rows},
+                       for n in [ref["name"]] + [e["name"] for e in encs] if n in rows},
            "verify": str(out / "verify")}
     recipes.write(out, doc)
     recipe_report.write_all(doc, out)

@@ -4,8 +4,9 @@
   TENSOR rule per tensor that takes the encoding, or for a type recipe each such tensor's type under
   `tensor_types`), so that `orchestrate sweep --config` sweeps it and
   `orchestrate quantize --recipe` builds it.
-- `recipe.json`: what the recipes were made from and what became of them (schema below): the scan, the
-  texts, the budgets, each recipe's groups, its predicted and measured effects and the verdicts.
+- `recipe.json`: what the recipes were made from and what became of them (schema below): the scans
+  (each with its encoding and hash), the texts, the budgets, each recipe's groups and the encoding each
+  takes, its predicted and measured effects and the verdicts.
 """
 
 from pathlib import Path
@@ -16,7 +17,7 @@ from .documents import load_yaml
 from .errors import OrchestrateError
 from .files import read_document, write_atomic, write_json
 
-SCHEMA = "orchestrate.recipe/1"
+SCHEMA = "orchestrate.recipe/2"   # 2: from one or more scans (`scans`, each group's `choices`)
 FILE = "recipe.json"
 
 

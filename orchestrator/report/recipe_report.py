@@ -1,6 +1,6 @@
 """A recipe's report and frontier figure, from recipe.json: each budget's recipe, its predicted and
 measured effect (held-out text) with intervals, whether it kept its budget and whether the additive
-prediction held, against the reference and the global encoding on the same axes."""
+prediction held, against the reference and each global encoding on the same axes."""
 
 from pathlib import Path
 
@@ -31,9 +31,19 @@ def _plotted(doc: dict, x: float) -> float:
     return 100 * x if doc["axis"] == "zero_fraction" else x
 
 
+def _vs(c: dict | None) -> str:
+    if not c:
+        return "– (no two global settings bracket it)"
+    return f"{_ci(c['difference'])}: {c['verdict']} (between {' and '.join(c['between'])})"
+
+
+def _encodings(doc: dict) -> str:
+    return " / ".join(sc["encoding"]["name"] for sc in doc["scans"])
+
+
 def fig_frontier(doc: dict, out: Path) -> str:
     """Zeros (or bits) against the measured effect: every recipe with its interval (hollow: the prediction), and the
-    reference and the global encoding."""
+    reference and each global encoding."""
     fig, ax = plt.subplots(figsize=(7, 4.6), layout="constrained")
     for i, r in enumerate(doc["recipes"]):
         m, p = r["measured"], r["predicted"]
@@ -47,6 +57,9 @@ def fig_frontier(doc: dict, out: Path) -> str:
         ax.axhline(r["budget"]["limit"], color="0.6", lw=0.8, ls=":")
         ax.annotate(r["name"], (_plotted(doc, r["x"]), m["mean"] if m else 0), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
+    line = sorted((_plotted(doc, g["x"]), g["measured"]["mean"] if g["measured"] else 0.0)
+                  for g in doc["globals"].values())
+    ax.plot(*zip(*line), "--", color="C3", lw=0.8, alpha=0.6, label="between global settings")
     for n, g in doc["globals"].items():
         y = g["measured"]["mean"] if g["measured"] else 0.0
         ax.plot(_plotted(doc, g["x"]), y, "s", color="C3", ms=6)
@@ -55,33 +68,38 @@ def fig_frontier(doc: dict, out: Path) -> str:
     ax.set_ylabel(f"{LABEL[doc['quantity']]} (held-out text)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(f"Recipes of {doc['encoding']['name']} on {doc['reference']['name']}: "
+    ax.set_title(f"Recipes of {_encodings(doc)} on {doc['reference']['name']}: "
                  f"{'zeros' if doc['axis'] == 'zero_fraction' else 'bits'} against damage (dotted: the budgets)", fontsize=9)
     return _save(fig, out, "frontier")
 
 
 def render(doc: dict, figure: str) -> str:
     q = doc["quantity"]
-    lines = [f"# Recipes: {doc['encoding']['name']} on {doc['reference']['name']}", "",
-             f"- Scan: `{doc['scan']}` (on `{doc['texts']['scan']['file']}`)",
+    lines = [f"# Recipes: {_encodings(doc)} on {doc['reference']['name']}", "",
+             *(f"- Scan of {sc['encoding']['name']}: `{sc['dir']}`" for sc in doc["scans"]),
+             f"- Scanned on: `{doc['texts']['scan']['file']}`",
              f"- Measured on: `{doc['texts']['verify']['file']}` (sha256 `{doc['texts']['verify']['sha256'][:16]}…`), "
              "text the scan did not see; the verifying sweep is in `verify/`", "",
-             f"Each recipe takes the encoding on the groups of most {'zeros added' if doc['axis'] == 'zero_fraction' else 'bits saved'} "
+             f"Each recipe takes {'an' if len(doc['scans']) > 1 else 'the'} encoding on the groups of most {'zeros added' if doc['axis'] == 'zero_fraction' else 'bits saved'} "
              "whose scanned effects sum to at most the "
-             f"budget ({LABEL[q]}). *Predicted*: that sum, its interval the groups' half-widths combined in "
-             "quadrature (assumes their errors independent). *Measured*: the recipe's model against the reference "
+             f"budget ({LABEL[q]}). *Predicted*: the groups' differences to the reference added chunk by chunk, "
+             "averaged over the chunks every chosen group was scored on, with the scan's own interval (which "
+             "allows for groups hurt alike by the same chunks). *Measured*: the recipe's model against the reference "
              "on the held-out text, paired by token, 95% bootstrap interval over chunks. *Additive*: whether the "
-             "two intervals meet.", "",
+             "two intervals meet. *Against the global settings*: the recipe minus the straight line between the two "
+             f"measured global settings whose {'zeros' if doc['axis'] == 'zero_fraction' else 'bits'} bracket its own "
+             "(per chunk, paired; 95% bootstrap): negative, the mix beats a uniform setting of its "
+             f"{'zeros' if doc['axis'] == 'zero_fraction' else 'bits'}.", "",
              f"| recipe | groups | {'zeros' if doc['axis'] == 'zero_fraction' else 'bits/weight'} | predicted | measured "
-             "| budget | additive |", "|---|---|---|---|---|---|---|"]
+             "| budget | additive | against the global settings |", "|---|---|---|---|---|---|---|---|"]
     recipes = doc["recipes"]
     for r in recipes:
         v = r["verdict"] or {}
         lines.append(f"| `{r['name']}` | {len(r['groups'])} | {_x(doc, r['x'])} | {_ci(r['predicted'])} | "
-                     f"{_ci(r['measured'])} | {v.get('budget', '–')} | {v.get('additive', '–')} |")
+                     f"{_ci(r['measured'])} | {v.get('budget', '–')} | {v.get('additive', '–')} | {_vs(r.get('vs_globals'))} |")
     for n, g in doc["globals"].items():
         lines.append(f"| `{n}` (global) | – | {_x(doc, g['x'])} | – | "
-                     f"{_ci(g['measured']) if g['measured'] else '0 (the reference)'} | – | – |")
+                     f"{_ci(g['measured']) if g['measured'] else '0 (the reference)'} | – | – | – |")
     lines.append("")
     for i, r in enumerate(recipes):
         if r["verdict"] and r["verdict"]["budget"] == "broken":
@@ -90,8 +108,9 @@ def render(doc: dict, figure: str) -> str:
                          + (f"The next recipe down that kept its own is `{down['name']}` ({down['file']})."
                             if down else "No smaller recipe kept its budget: try a smaller one."))
         spared = [g for g in recipes[-1]["groups"] if g not in r["groups"]]
+        several = len(doc["scans"]) > 1
         lines.append(f"- `{r['name']}` ({r['file'] or 'no group fits: the reference itself'}) encodes "
-                     f"{', '.join(r['groups']) or 'nothing'}"
+                     f"{', '.join(f'{g} ({e})' if several else g for g, e in r['choices'].items()) or 'nothing'}"
                      + (f"; it spares {', '.join(spared)}, which the largest budget takes" if spared else ""))
     lines += ["", f"![frontier]({figure})", ""]
     return "\n".join(lines)

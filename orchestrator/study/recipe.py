@@ -1,16 +1,26 @@
-"""A recipe: which groups of tensors take a scan's encoding, for the most gain under a budget on the
-predicted damage — and the check of that prediction on text the scan never saw.
+"""A recipe: which groups of tensors take which of one or more scans' encodings (all against the same
+reference), for the most gain under a budget on the predicted damage — and the check of that prediction
+on text the scans never saw.
 
 The choice assumes that the groups' effects add up (as Thireus's quant_assign does, and never checks):
-each group's effect is what the scan measured for that group alone against the reference, and the
-recipe's predicted effect is their sum. Maximising the gain (zeros added) under "sum of effects <=
-budget" is a 0/1 knapsack, solved by dynamic programming over costs rounded up to 1/RESOLUTION of the
-budget: the chosen set never breaks the budget on the scan's own figures, and it is optimal up to that
-rounding. The predicted interval combines the groups' half-widths in quadrature, which assumes their
-errors independent (tests/test_recipe.py simulates it: coverage 0.99 for independent groups, 0.95 at a
-correlation of 0.5, but 0.87 at 0.8 and 0.82 at 0.95 — groups scored on the same chunks can be that
-correlated); the measurement on held-out text is the real check, and what tells whether the additive
-model held (called failed, when it held, 0.2-1.5% of the time in the same simulation).
+each group's effect under an encoding is what that encoding's scan measured for the group alone against
+the reference, and the recipe's predicted effect is their sum. Maximising the gain (zeros added, bits
+saved) under "sum of effects <= budget", at most one encoding per group, is a multiple-choice knapsack
+(a 0/1 knapsack with one scan), solved by dynamic programming over costs rounded up to 1/RESOLUTION of
+the budget: the choice never breaks the budget on the scans' own figures, and it is optimal up to that
+rounding. The prediction comes from the chunks every chosen group was scored on: groups are scored on
+the same chunks (each on chunks 0..n-1 of the text, n where it stopped), so a chunk that is hard for
+one group tends to be hard for all, and a group that stopped early did so on what its first chunks
+said. Per chunk the groups' differences are added, and the mean of those totals over the first
+min(n) chunks gets the scan's own interval (Student's t at 1 - 0.05/K for the K looks: min(n) is one
+of the looks, so Bonferroni's union over them covers whichever it is). It assumes chunks independent
+of each other, as the scan's intervals do. tests/test_recipe.py simulates it against a known sum with
+groups stopped by the scan's rule on skewed, correlated chunks: coverage 0.95-0.99 for 4 to 60 groups
+from independent to a correlation of 0.95 (the quadrature of half-widths used before: 0.81 for 4
+groups at 0.95, 0.44 for 20; a pairwise-covariance sum of the groups' own means: 0.93 for 20 groups,
+undone by the early stops). Groups without per-chunk figures (scans made before they were kept) get
+the sum of their means and of their half-widths, valid under any correlation. The measurement on
+held-out text is the real check, and what tells whether the additive model held.
 """
 
 import math
@@ -21,7 +31,8 @@ import numpy as np
 
 from ..errors import OrchestrateError
 from ..files import read_json
-from . import analysis, groups, stats
+from . import analysis, groups, paired, sequential, stats
+from .paired import CONFIDENCE
 
 RESOLUTION = 2000   # budget steps of the knapsack
 QUANTITIES = {"kld": "mean KLD", "nll": "ln(PPL ratio)"}
@@ -29,14 +40,16 @@ QUANTITIES = {"kld": "mean KLD", "nll": "ln(PPL ratio)"}
 
 @dataclass(frozen=True)
 class Option:
-    """A scan group: what taking the encoding on it costs (its effect on `quantity`, with interval) and
-    gains (zeros added to the model)."""
+    """A scan group under one scan's encoding: what taking it costs (its effect on `quantity`, with
+    interval) and gains (zeros added or bits saved). Options of the same group are alternatives."""
     group: str
     tensors: tuple[str, ...]
     cost: float
     lo: float | None
     hi: float | None
     gain: int
+    per_chunk: tuple[float, ...] | None = None   # its differences to R on chunks 0.. (the scan's)
+    scan: int = 0                                # which scan (encoding) it comes from
 
 
 @dataclass(frozen=True)
@@ -65,40 +78,59 @@ def parse_budgets(text: str) -> list[Budget]:
 
 
 def choose(options: list[Option], budget: float) -> list[Option]:
-    """The options of most total gain whose costs sum to at most budget (costs rounded up to the
-    budget's 1/RESOLUTION; options that cost nothing or less are always taken when they gain)."""
-    free = [o for o in options if o.cost <= 0 and o.gain > 0]
-    spent = sum(o.cost for o in free)   # (<= 0: it loosens the budget for the rest)
-    paid = [o for o in options if o.cost > 0 and o.gain > 0]
-    room = budget - spent
-    steps = RESOLUTION + int(math.floor(-spent / budget * RESOLUTION))
-    units = [math.ceil(o.cost / budget * RESOLUTION) for o in paid]
+    """At most one option per group, of most total gain, whose costs sum to at most budget.
+
+    Each group's alternatives are shifted so that its cheapest (or leaving the group alone, cost 0) costs
+    nothing, the budget growing by the same amount: then every group takes exactly one alternative of
+    non-negative cost, rounded up to the budget's 1/RESOLUTION (so rounding never breaks the budget)."""
+    by_group: dict[str, list[Option]] = {}
+    for o in options:
+        if o.gain > 0:  # (an option that gains nothing is never worth its damage)
+            by_group.setdefault(o.group, []).append(o)
+    shifts = {g: min(0.0, *(o.cost for o in alts)) for g, alts in by_group.items()}
+    steps = int(math.floor((budget - sum(shifts.values())) / budget * RESOLUTION + 1e-9))
     best = np.zeros(steps + 1)                     # best gain within each number of budget steps
-    taken = np.zeros((len(paid), steps + 1), bool)
-    for i, (o, u) in enumerate(zip(paid, units)):
-        if u > steps:
-            continue
-        with_it = best[:steps + 1 - u] + o.gain
-        better = with_it > best[u:]
-        taken[i, u:] = better
-        best[u:] = np.where(better, with_it, best[u:])
+    picks = []
+    for g, alts in by_group.items():
+        units = [math.ceil((c - shifts[g]) / budget * RESOLUTION - 1e-9) for c in [0.0] + [o.cost for o in alts]]
+        gains = [0] + [o.gain for o in alts]
+        new, pick = np.full(steps + 1, -np.inf), np.zeros(steps + 1, int)
+        for k, (u, gain) in enumerate(zip(units, gains)):
+            if u > steps:
+                continue
+            cand = best[:steps + 1 - u] + gain
+            better = cand > new[u:]
+            new[u:] = np.where(better, cand, new[u:])
+            pick[u:] = np.where(better, k, pick[u:])
+        best = new
+        picks.append((alts, units, pick))
     chosen, s = [], steps
-    for i in range(len(paid) - 1, -1, -1):
-        if taken[i, s]:
-            chosen.append(paid[i])
-            s -= units[i]
-    out = free + chosen[::-1]
-    assert sum(o.cost for o in chosen) <= room + 1e-12
-    return out
+    for alts, units, pick in reversed(picks):
+        k = int(pick[s])
+        if k:
+            chosen.append(alts[k - 1])
+        s -= units[k]
+    chosen.reverse()
+    assert sum(o.cost for o in chosen) <= budget + 1e-9
+    return chosen
 
 
-def predicted(chosen: list[Option]) -> dict:
-    """The recipe's predicted effect: the sum of its groups' effects, with their half-widths combined
-    in quadrature (assumes independent errors)."""
+def predicted(chosen: list[Option], n_looks: int = 1) -> dict:
+    """The recipe's predicted effect: the mean over the chunks every chosen group was scored on of the
+    sum of their differences, at the scan's look level; without per-chunk figures, the sum of the groups'
+    means with the sum of their half-widths."""
+    if not chosen:
+        return {"mean": 0.0, "lo": 0.0, "hi": 0.0, "chunks": None}
+    if all(o.per_chunk for o in chosen):
+        n = min(len(o.per_chunk) for o in chosen)
+        total = np.sum([np.asarray(o.per_chunk[:n], dtype=np.float64) for o in chosen], axis=0)
+        mean, lo, hi = sequential.interval(total, (1 - CONFIDENCE) / n_looks)
+        return {"mean": mean, "lo": lo, "hi": hi, "chunks": n}
     mean = float(sum(o.cost for o in chosen))
-    halves = [(o.hi - o.lo) / 2 for o in chosen if o.lo is not None]
-    half = math.sqrt(sum(h * h for h in halves)) if len(halves) == len(chosen) else None
-    return {"mean": mean, "lo": None if half is None else mean - half, "hi": None if half is None else mean + half}
+    if any(o.lo is None for o in chosen):
+        return {"mean": mean, "lo": None, "hi": None, "chunks": None}
+    half = sum((o.hi - o.lo) / 2 for o in chosen)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "chunks": None}
 
 
 def verdict(pred: dict, measured: dict, limit: float) -> dict:
@@ -115,10 +147,46 @@ def verdict(pred: dict, measured: dict, limit: float) -> dict:
     return {"budget": budget, "additive": additive, "gap": measured["mean"] - pred["mean"]}
 
 
+def against_globals(x: float, chunks: np.ndarray, globals_: list[tuple[str, float, np.ndarray]]) -> dict | None:
+    """The recipe against the global settings at its own zeros (or bits): of the two measured global
+    settings whose x brackets the recipe's, the straight line between them at x — per chunk, their
+    chunk means weighted by where x lies — and the recipe's paired difference to that line, with its
+    bootstrap interval over chunks (study.paired.summary). A uniform setting of exactly the recipe's
+    zeros or bits rarely exists (radii and types come in steps); the line is what mixing the two
+    bracketing settings would give if effects added up. None when no two settings bracket x."""
+    below = [g for g in globals_ if g[1] <= x]
+    above = [g for g in globals_ if g[1] >= x]
+    if not below or not above:
+        return None
+    (n1, x1, c1), (n2, x2, c2) = max(below, key=lambda g: g[1]), min(above, key=lambda g: g[1])
+    w = 0.0 if x2 == x1 else (x - x1) / (x2 - x1)
+    diff = paired.summary(np.asarray(chunks) - ((1 - w) * np.asarray(c1) + w * np.asarray(c2)))
+    verdict = ("not told apart" if diff["lo"] is None or diff["lo"] <= 0 <= diff["hi"]
+               else "better" if diff["hi"] < 0 else "worse")
+    return {"between": [n1, n2], "weight": w, "difference": diff, "verdict": verdict}
+
+
 def by_type(scan: dict) -> bool:
     """A scan of another type (its recipes trade bits), not of a radius or a table (they trade zeros)."""
     enc = scan["encoding"]
     return enc.get("radius") is None and enc.get("table") is None
+
+
+def check_together(scans: list[dict]) -> None:
+    """Scans a recipe may choose among: one model, text and reference, the same groups and scoring."""
+    first = scans[0]
+    for sc in scans[1:]:
+        for what, get in (("base model", lambda d: d["base"]["sha256"]), ("text", lambda d: d["text_sha256"]),
+                          ("reference", lambda d: d["reference"]["type"]), ("grouping", lambda d: d["settings"]["by"]),
+                          ("-c and chunks", lambda d: (d["settings"]["ctx"], d["settings"]["chunks"])),
+                          ("kind of gain (zeros or bits)", by_type)):
+            if get(sc) != get(first):
+                raise OrchestrateError(f"the scans of {first['encoding']['name']} and {sc['encoding']['name']} "
+                                       f"differ in their {what}: a recipe chooses among scans of one model, text, "
+                                       "reference, grouping and scoring")
+    names = [sc["encoding"]["name"] for sc in scans]
+    if len(set(names)) != len(names):
+        raise OrchestrateError(f"the same encoding scanned twice among the scans ({', '.join(names)})")
 
 
 def _side_file(row: dict, name: str, why: str) -> Path:
@@ -140,30 +208,39 @@ def _gains(scan: dict) -> dict[str, int]:
     return {t: zeros[1][t][0] - zeros[0][t][0] for t in zeros[0] if t in zeros[1]}
 
 
-def options(scan: dict, quantity: str) -> list[Option]:
-    """A scan's groups as recipe options: each group's effect on quantity, and what it gains."""
-    gains = _gains(scan)
+def options(scans: list[dict], quantity: str) -> list[Option]:
+    """The scans' groups as recipe options: each group's effect on quantity under each scan's encoding,
+    and what it gains."""
     out = []
-    for g in scan["groups"]:
-        e = g["effects"][quantity]
-        out.append(Option(g["name"], tuple(g["tensors"]), e["mean"], e["lo"], e["hi"],
-                          sum(gains.get(t, 0) for t in g["tensors"])))
+    for i, scan in enumerate(scans):
+        gains = _gains(scan)
+        for g in scan["groups"]:
+            e = g["effects"][quantity]
+            per_chunk = g.get("per_chunk", {}).get(quantity)
+            out.append(Option(g["name"], tuple(g["tensors"]), e["mean"], e["lo"], e["hi"],
+                              sum(gains.get(t, 0) for t in g["tensors"]), tuple(per_chunk) if per_chunk else None, i))
     return out
 
 
-def rules(scan: dict, chosen: list[Option]) -> list[str]:
+def rules(scans: list[dict], chosen: list[Option]) -> list[str]:
     """The TENSOR rules of a radius or table recipe (none for a type recipe)."""
-    enc = scan["encoding"]
-    if by_type(scan):
-        return []
-    setting = (f"Q4_0_RADIUS={enc['radius']}" if enc.get("radius") is not None
-               else f"TABLE_MODE={scan['variants'][2]['table_file']}")
-    return [f"{groups.rule_pattern(t)} {setting}" for o in chosen for t in o.tensors]
+    out = []
+    for o in chosen:
+        scan = scans[o.scan]
+        if by_type(scan):
+            continue
+        enc = scan["encoding"]
+        setting = (f"Q4_0_RADIUS={enc['radius']}" if enc.get("radius") is not None
+                   else f"TABLE_MODE={scan['variants'][2]['table_file']}")
+        out += [f"{groups.rule_pattern(t)} {setting}" for t in o.tensors]
+    return out
 
 
-def tensor_types(scan: dict, chosen: list[Option]) -> dict[str, str]:
-    """The type overrides of a type recipe: each chosen tensor the type it has in E's file."""
-    if not by_type(scan):
-        return {}
-    types = groups.tensor_types(_side_file(scan["variants"][2], "model.gguf", "model"))
-    return {t: types[t] for o in chosen for t in o.tensors}
+def tensor_types(scans: list[dict], chosen: list[Option]) -> dict[str, str]:
+    """The type overrides of a type recipe: each chosen tensor the type it has in its scan's E file."""
+    out = {}
+    for o in chosen:
+        if by_type(scans[o.scan]):
+            types = groups.tensor_types(_side_file(scans[o.scan]["variants"][2], "model.gguf", "model"))
+            out.update({t: types[t] for t in o.tensors})
+    return out

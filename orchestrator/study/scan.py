@@ -59,12 +59,13 @@ class GroupResult:
     effects: dict                # quantity -> Effect (the interval of the look where it stopped)
     seconds: float               # llama-perplexity seconds spent on it (0 when all its rounds were kept)
     scan_dir: str
+    per_chunk: dict              # quantity -> its per-chunk differences to R, chunks 0.. (for recipes' covariance)
 
     def to_dict(self) -> dict:
         return {"name": self.group.name, "layer": self.group.layer, "kind": self.group.kind,
                 "tensors": list(self.group.tensors), "chunks": self.chunks, "verdict": self.verdict,
                 "effects": {q: asdict(e) for q, e in self.effects.items()}, "seconds": self.seconds,
-                "scan_dir": self.scan_dir}
+                "scan_dir": self.scan_dir, "per_chunk": self.per_chunk}
 
 
 def chunk_means(s: scores.Scores, quantity: str) -> np.ndarray:
@@ -120,7 +121,8 @@ def scan_group(inp: Inputs, ref: Side, enc: Side, g: Group, rule: Rule, ref_mean
         alpha = (1 - sequential.CONFIDENCE) / len(rule.looks)  # the stopping look's level, for every quantity
         effects = {q: Effect(*sequential.interval(x, alpha)) for q, x in diffs.items()}
         kept = {"rule": _rule_key(rule), "chunks": v.chunks, "verdict": v.verdict,
-                "effects": {q: asdict(e) for q, e in effects.items()}, "seconds": seconds}
+                "effects": {q: asdict(e) for q, e in effects.items()}, "seconds": seconds,
+                "per_chunk": {q: [float(x) for x in d] for q, d in diffs.items()}}
         write_json(d.result, kept)
         d.model.unlink(missing_ok=True)
         return _result(g, kept, d)
@@ -138,14 +140,14 @@ def finished(d: ScanDir, g: Group, rule: Rule) -> GroupResult | None:
     """The group's result when a scan under the same rule finished it here, else None."""
     if d.result.exists():
         kept = read_json(d.result)
-        if kept["rule"] == _rule_key(rule):
+        if kept["rule"] == _rule_key(rule) and "per_chunk" in kept:  # (older results: made again from the rounds)
             return _result(g, kept, d)
     return None
 
 
 def _result(g: Group, kept: dict, d: ScanDir) -> GroupResult:
     return GroupResult(g, kept["chunks"], kept["verdict"], {q: Effect(**e) for q, e in kept["effects"].items()},
-                       kept["seconds"], str(d.path))
+                       kept["seconds"], str(d.path), kept["per_chunk"])
 
 
 def reference_means(ref: Side, rule: Rule) -> dict[str, np.ndarray]:
