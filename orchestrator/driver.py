@@ -416,7 +416,7 @@ def recipe(scan_dirs: list[Path], budgets: list[recipe_mod.Budget], out: Path | 
     if texts.overlaps(held_record, first.get("scanned") or {"sha256": first["text_sha256"]}):
         raise OrchestrateError(f"{held} is the text the scan was made on: a recipe is measured on other text")
     model = model or Path(first.get("model") or first["base"]["path"])
-    options = recipe_mod.options(found, budgets[0].quantity)
+    options = recipe_mod.options(found, "kld" if budgets[0].tail else budgets[0].quantity)
     out = Path(out) if out else paths.plots_dir() / f"recipe-{'-'.join(d.name for d in scan_dirs)}"
     with results.locked(out):
         return out, _recipe(found, scan_dirs, budgets, out, held, held_record, opts, model, options)
@@ -431,9 +431,18 @@ def _recipe(found: list[dict], scan_dirs: list[Path], budgets: list[recipe_mod.B
     axis = "bpw" if by_type else "zero_fraction"  # what a recipe gains: bits (a type scan) or zeros
     n_looks = min(len(sc["settings"]["looks"]) for sc in found)
     made = []
+    level = budgets[0].tail
+    if level:  # the recipe's own KLD percentile: predicted token by token
+        ref_tokens, tokens = recipe_mod.kld_tokens(found, options)
+
+        def predict(chosen):
+            return recipe_mod.tail_prediction(chosen, ref_tokens, tokens, level)
+    else:
+        def predict(chosen):
+            return recipe_mod.predicted(chosen, n_looks)
     for b in budgets:
-        chosen = recipe_mod.choose(options, b.limit)
-        name = f"recipe-{b.quantity}{b.limit:g}"
+        chosen = recipe_mod.choose_for_tail(options, b.limit, predict) if level else recipe_mod.choose(options, b.limit)
+        name = f"recipe-{b.quantity}{'-' if level else ''}{b.limit:g}"
         rules, types = recipe_mod.rules(found, chosen), recipe_mod.tensor_types(found, chosen)
         note = (f"{len(chosen)} of {len({o.group for o in options})} groups of {' or '.join(e['name'] for e in encs)} "
                 f"on {ref['type']} for {b.label}, from the scan{'s' * (len(found) > 1)} "
@@ -441,7 +450,7 @@ def _recipe(found: list[dict], scan_dirs: list[Path], budgets: list[recipe_mod.B
         path = recipes.write_recipe(out / f"{name}.yaml", name, ref["type"], rules, note, types) if chosen else None
         made.append({"name": name, "budget": {"quantity": b.quantity, "limit": b.limit}, "file": str(path) if path else None,
                      "groups": [o.group for o in chosen], "choices": {o.group: encs[o.scan]["name"] for o in chosen},
-                     "gain": sum(o.gain for o in chosen), "predicted": recipe_mod.predicted(chosen, n_looks),
+                     "gain": sum(o.gain for o in chosen), "predicted": predict(chosen),
                      "rules": len(rules) + len(types)})
     built = [recipes.read_recipe(Path(r["file"])) for r in made if r["file"]]
     exp = Experiment(f"verify-{'-'.join(d.name for d in scan_dirs)}",
@@ -455,16 +464,23 @@ def _recipe(found: list[dict], scan_dirs: list[Path], budgets: list[recipe_mod.B
     rows = {r["name"]: r for r in sweep_doc["variants"]}
     vs = sweep_doc["paired"].get("vs_reference", {})
     q = budgets[0].quantity
-    chunks = {n: scan_mod.chunk_means(scores.read(results.scores_path(out / "verify", n)), q)
-              for n, row in rows.items() if row["status"] == "ok" and row["kind"] != "base"}
-    global_names = [n for n in [ref["name"]] + [e["name"] for e in encs] if n in chunks]
+    own_tail = sweep_doc["tails"].get("variants", {})
+
+    def measured_of(name: str) -> dict | None:
+        """A variant's measured figure for the budget: its effect over R's, or (a tail) its own percentile."""
+        if level:
+            t = own_tail.get(name, {}).get(level)
+            return {"mean": t["value"], "lo": t["lo"], "hi": t["hi"]} if t else None
+        return vs.get(name, {}).get(q) if name != ref["name"] else {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    chunks = {} if level else {n: scan_mod.chunk_means(scores.read(results.scores_path(out / "verify", n)), q)
+                               for n, row in rows.items() if row["status"] == "ok" and row["kind"] != "base"}
+    global_names = [n for n in [ref["name"]] + [e["name"] for e in encs] if n in rows]
     for r in made:
-        measured = vs.get(r["name"], {}).get(q) if r["file"] else {"mean": 0.0, "lo": 0.0, "hi": 0.0}
-        r["measured"] = measured
+        r["measured"] = measured = measured_of(r["name"] if r["file"] else ref["name"])
         r["x"] = rows[r["name"] if r["file"] else ref["name"]][axis]
         r["verdict"] = recipe_mod.verdict(r["predicted"], measured, r["budget"]["limit"]) if measured else None
         r["vs_globals"] = (recipe_mod.against_globals(r["x"], chunks[r["name"]],
-                                                      [(n, rows[n][axis], chunks[n]) for n in global_names])
+                                                      [(n, rows[n][axis], chunks[n]) for n in global_names if n in chunks])
                            if r["name"] in chunks else None)
     doc = {"scans": [{"dir": str(d.resolve()), "sha256": sha256_of(d / scans.FILE), "encoding": e}
                      for d, e in zip(scan_dirs, encs)],
@@ -472,9 +488,7 @@ def _recipe(found: list[dict], scan_dirs: list[Path], budgets: list[recipe_mod.B
            "texts": {"scan": {"file": first["text"], "sha256": first["text_sha256"]},
                      "verify": held_record},
            "recipes": made,
-           "globals": {n: {"x": rows[n][axis],
-                           "measured": vs.get(n, {}).get(budgets[0].quantity) if n != ref["name"] else None}
-                       for n in [ref["name"]] + [e["name"] for e in encs] if n in rows},
+           "globals": {n: {"x": rows[n][axis], "measured": measured_of(n)} for n in global_names},
            "verify": str(out / "verify")}
     recipes.write(out, doc)
     recipe_report.write_all(doc, out)

@@ -90,6 +90,26 @@ def test_a_recipe_against_the_line_between_global_settings():
     assert recipe.against_globals(0.5, on, globals_) is None and recipe.against_globals(0.1, on, globals_) is None
 
 
+def test_a_tail_is_predicted_token_by_token():
+    rng = np.random.default_rng(4)
+    ref = rng.exponential(0.2, (16, 64)).astype(np.float32)
+    a, b = Option("a", (), 0.1, 0.0, 0.2, 10), Option("b", (), 0.3, 0.2, 0.4, 30)
+    # a adds 0.1 to every token; b adds 1.0 to the tokens of its first 8 chunks only (it stopped there)
+    tokens = {a: ref + np.float32(0.1), b: np.concatenate([ref[:8] + np.float32(1.0), ref[8:]])[:8]}
+    from orchestrator.study import tails
+    p = recipe.tail_prediction([a], ref, tokens, "p99")
+    assert p["chunks"] == 16 and p["mean"] == pytest.approx(tails.own_percentile(ref, "p99")["mean"] + 0.1, abs=1e-5)
+    assert p["lo"] <= p["mean"] <= p["hi"]
+    both = recipe.tail_prediction([a, b], ref, tokens, "p99")
+    assert both["chunks"] == 8 and both["mean"] == pytest.approx(
+        tails.own_percentile(ref[:8], "p99")["mean"] + 1.1, abs=1e-5)
+    # the most gain whose predicted percentile is within the limit: b alone gains more than a, both most
+    limit = tails.own_percentile(ref[:8], "p99")["mean"] + 1.05
+    assert recipe.choose_for_tail([a, b], limit, lambda ch: recipe.tail_prediction(ch, ref, tokens, "p99")) == [b]
+    assert recipe.choose_for_tail([a, b], 100.0, lambda ch: recipe.tail_prediction(ch, ref, tokens, "p99")) == [a, b]
+    assert recipe.choose_for_tail([a, b], 0.01, lambda ch: recipe.tail_prediction(ch, ref, tokens, "p99")) == []
+
+
 def test_a_planted_interaction_is_reported():
     # groups that are harmless alone but hurt together: the held-out measurement lies far above the sum
     pred = recipe.predicted([Option("a", (), 0.01, 0.0, 0.02, 1), Option("b", (), 0.01, 0.0, 0.02, 1)])
@@ -178,7 +198,7 @@ def test_additivity_is_rarely_called_failed_when_it_holds(shared):
     assert failed / reps <= 0.05
 
 
-@pytest.mark.parametrize("text, words", [("kld", "QUANTITY=LIMIT"), ("ppl=1", "QUANTITY=LIMIT"),
+@pytest.mark.parametrize("text, words", [("kld", "QUANTITY=LIMIT"), ("ppl=1", "QUANTITY=LIMIT"), ("kld_p95=1", "QUANTITY"),
                                          ("kld=x", "numbers"), ("kld=-1", "positive"), ("kld=nan", "positive")])
 def test_bad_budgets(text, words):
     with pytest.raises(OrchestrateError, match=words):
@@ -235,6 +255,19 @@ def test_recipes_from_a_demo_scan_are_built_and_measured_on_held_out_text(fork, 
     again = orchestrate("recipe", "scan", "--budget", "kld=0.1", "--text", Path(scanned["text"]), "--out", "r2",
                         cwd=tmp_path)
     assert again.returncode == 1 and "the text the scan was made on" in again.stderr
+    # a budget on the recipe's own 99th percentile of KLD, predicted token by token
+    tail = orchestrate("recipe", "scan", "--budget", "kld_p99=3", "--threads", "2", "--out", "rtail", cwd=tmp_path)
+    assert tail.returncode == 0, tail.stderr[-3000:]
+    doc = recipes.load(tmp_path / "rtail")
+    (r,) = doc["recipes"]
+    print(r["groups"], r["predicted"], r["measured"], r["verdict"])
+    assert doc["quantity"] == "kld_p99" and r["name"] == "recipe-kld_p99-3" and r["groups"]
+    assert r["predicted"]["lo"] <= r["predicted"]["mean"] <= min(3.0, r["predicted"]["hi"])
+    assert r["measured"]["lo"] <= r["measured"]["mean"] <= r["measured"]["hi"]
+    sweep_tails = json.loads((tmp_path / "rtail" / "verify" / "results.json").read_text())["tails"]["variants"]
+    assert r["measured"]["mean"] == sweep_tails[r["name"]]["p99"]["value"]  # the verifying sweep's own figure
+    assert doc["globals"]["q4_0"]["measured"]["mean"] == sweep_tails["q4_0"]["p99"]["value"] > 0
+    assert "predicted token by token" in (tmp_path / "rtail" / "recipe.md").read_text()
 
 
 def test_type_recipes_trade_bits_from_one_scan_or_several(fork, demo_base, tmp_path):

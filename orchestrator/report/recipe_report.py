@@ -5,9 +5,11 @@ prediction held, against the reference and each global encoding on the same axes
 from pathlib import Path
 
 from ..files import write_atomic
+from ..study import tails
 from .plots import _save, plt
 
-LABEL = {"kld": "mean KLD − reference's", "nll": "ln(PPL / PPL reference)"}
+LABEL = {"kld": "mean KLD − reference's", "nll": "ln(PPL / PPL reference)",
+         **{f"kld_{k}": f"the model's own {v} KLD" for k, v in tails.LABELS.items() if k in tails.LEVELS}}
 
 
 def _ci(c: dict | None, fmt: str = "+.4f") -> str:
@@ -31,7 +33,31 @@ def _plotted(doc: dict, x: float) -> float:
     return 100 * x if doc["axis"] == "zero_fraction" else x
 
 
-def _vs(c: dict | None) -> str:
+def _how(doc: dict) -> str:
+    """What the columns mean, for the budget's kind (an effect over the reference's, or a tail percentile)."""
+    gain = "zeros added" if doc["axis"] == "zero_fraction" else "bits saved"
+    unit = "zeros" if doc["axis"] == "zero_fraction" else "bits"
+    which = "an" if len(doc["scans"]) > 1 else "the"
+    if doc["quantity"].startswith("kld_"):
+        return (f"Each recipe takes {which} encoding on the groups of most {gain} whose predicted percentile "
+                f"({LABEL[doc['quantity']]}) is at most the budget: the mean-KLD choices at {len(doc['recipes'])} "
+                "budget(s) were tried, each predicted token by token (the reference's per-token KLD plus each "
+                "chosen group's per-token change, on the chunks they were all scored on; Woodruff's interval). "
+                "*Measured*: the recipe's model's own percentile on the held-out text, with Woodruff's interval. "
+                "*Additive*: whether the two intervals meet (token-by-token additivity).")
+    return (f"Each recipe takes {which} encoding on the groups of most {gain} whose scanned effects sum to at "
+            f"most the budget ({LABEL[doc['quantity']]}). *Predicted*: the groups' differences to the reference "
+            "added chunk by chunk, averaged over the chunks every chosen group was scored on, with the scan's own "
+            "interval (which allows for groups hurt alike by the same chunks). *Measured*: the recipe's model "
+            "against the reference on the held-out text, paired by token, 95% bootstrap interval over chunks. "
+            "*Additive*: whether the two intervals meet. *Against the global settings*: the recipe minus the "
+            f"straight line between the two measured global settings whose {unit} bracket its own (per chunk, "
+            f"paired; 95% bootstrap): negative, the mix beats a uniform setting of its {unit}.")
+
+
+def _vs(c: dict | None, doc: dict) -> str:
+    if doc["quantity"].startswith("kld_"):
+        return "– (percentiles do not add up along a line)"
     if not c:
         return "– (no two global settings bracket it)"
     return f"{_ci(c['difference'])}: {c['verdict']} (between {' and '.join(c['between'])})"
@@ -80,33 +106,26 @@ def render(doc: dict, figure: str) -> str:
              f"- Scanned on: `{doc['texts']['scan']['file']}`",
              f"- Measured on: `{doc['texts']['verify']['file']}` (sha256 `{doc['texts']['verify']['sha256'][:16]}…`), "
              "text the scan did not see; the verifying sweep is in `verify/`", "",
-             f"Each recipe takes {'an' if len(doc['scans']) > 1 else 'the'} encoding on the groups of most {'zeros added' if doc['axis'] == 'zero_fraction' else 'bits saved'} "
-             "whose scanned effects sum to at most the "
-             f"budget ({LABEL[q]}). *Predicted*: the groups' differences to the reference added chunk by chunk, "
-             "averaged over the chunks every chosen group was scored on, with the scan's own interval (which "
-             "allows for groups hurt alike by the same chunks). *Measured*: the recipe's model against the reference "
-             "on the held-out text, paired by token, 95% bootstrap interval over chunks. *Additive*: whether the "
-             "two intervals meet. *Against the global settings*: the recipe minus the straight line between the two "
-             f"measured global settings whose {'zeros' if doc['axis'] == 'zero_fraction' else 'bits'} bracket its own "
-             "(per chunk, paired; 95% bootstrap): negative, the mix beats a uniform setting of its "
-             f"{'zeros' if doc['axis'] == 'zero_fraction' else 'bits'}.", "",
+             _how(doc), "",
              f"| recipe | groups | {'zeros' if doc['axis'] == 'zero_fraction' else 'bits/weight'} | predicted | measured "
              "| budget | additive | against the global settings |", "|---|---|---|---|---|---|---|---|"]
     recipes = doc["recipes"]
     for r in recipes:
         v = r["verdict"] or {}
         lines.append(f"| `{r['name']}` | {len(r['groups'])} | {_x(doc, r['x'])} | {_ci(r['predicted'])} | "
-                     f"{_ci(r['measured'])} | {v.get('budget', '–')} | {v.get('additive', '–')} | {_vs(r.get('vs_globals'))} |")
+                     f"{_ci(r['measured'])} | {v.get('budget', '–')} | {v.get('additive', '–')} | {_vs(r.get('vs_globals'), doc)} |")
     for n, g in doc["globals"].items():
         lines.append(f"| `{n}` (global) | – | {_x(doc, g['x'])} | – | "
-                     f"{_ci(g['measured']) if g['measured'] else '0 (the reference)'} | – | – | – |")
+                     f"{'0 (the reference)' if n == doc['reference']['name'] and not q.startswith('kld_') else _ci(g['measured'])}"
+                     " | – | – | – |")
     lines.append("")
     for i, r in enumerate(recipes):
         if r["verdict"] and r["verdict"]["budget"] == "broken":
             down = next((x for x in reversed(recipes[:i]) if x["verdict"] and x["verdict"]["budget"] == "kept"), None)
             lines.append(f"- **`{r['name']}` broke its budget on the held-out text.** "
                          + (f"The next recipe down that kept its own is `{down['name']}` ({down['file']})."
-                            if down else "No smaller recipe kept its budget: try a smaller one."))
+                            if down else "The reference itself is above it: no recipe can keep it." if not r["groups"]
+                            else "No smaller recipe kept its budget: try a smaller one."))
         spared = [g for g in recipes[-1]["groups"] if g not in r["groups"]]
         several = len(doc["scans"]) > 1
         lines.append(f"- `{r['name']}` ({r['file'] or 'no group fits: the reference itself'}) encodes "

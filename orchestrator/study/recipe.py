@@ -31,11 +31,14 @@ import numpy as np
 
 from ..errors import OrchestrateError
 from ..files import read_json
-from . import analysis, groups, paired, sequential, stats
+from . import analysis, groups, paired, scores, sequential, stats, tails
+from .scan import group_tokens
 from .paired import CONFIDENCE
 
 RESOLUTION = 2000   # budget steps of the knapsack
-QUANTITIES = {"kld": "mean KLD", "nll": "ln(PPL ratio)"}
+QUANTITIES = {"kld": "mean KLD", "nll": "ln(PPL ratio)",
+              **{f"kld_{k}": f"{tails.LABELS[k]} KLD" for k in tails.LEVELS}}
+TAIL_BUDGETS = 60   # mean-KLD budgets tried for a tail budget
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,17 @@ class Option:
 
 @dataclass(frozen=True)
 class Budget:
-    quantity: str      # kld | nll
+    quantity: str      # kld | nll (the effect over the reference's) | kld_p90, kld_p99, kld_p999 (the recipe's own)
     limit: float
 
     @property
     def label(self) -> str:
         return f"{self.quantity}<={self.limit:g}"
+
+    @property
+    def tail(self) -> str | None:
+        """The tail level (a study.tails.LEVELS key) of a percentile budget, else None."""
+        return self.quantity.removeprefix("kld_") if self.quantity.startswith("kld_") else None
 
 
 def parse_budgets(text: str) -> list[Budget]:
@@ -131,6 +139,40 @@ def predicted(chosen: list[Option], n_looks: int = 1) -> dict:
         return {"mean": mean, "lo": None, "hi": None, "chunks": None}
     half = sum((o.hi - o.lo) / 2 for o in chosen)
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "chunks": None}
+
+
+def tail_prediction(chosen: list[Option], reference: np.ndarray, tokens: dict, level: str) -> dict:
+    """The recipe's own KLD percentile at level, predicted token by token: on the chunks every chosen
+    group was scored on, R's per-token KLD plus each group's per-token change (tokens: per option, its
+    (chunks, tokens) KLD; never below 0), with Woodruff's interval of that percentile. It assumes that
+    the groups' changes add up token by token (stronger than adding up on average)."""
+    n = min([len(reference)] + [len(tokens[o]) for o in chosen])
+    total = reference[:n].astype(np.float64) + sum((tokens[o][:n] - reference[:n] for o in chosen),
+                                                   np.zeros_like(reference[:n], dtype=np.float64))
+    return {**tails.own_percentile(np.maximum(total, 0.0), level), "chunks": n}
+
+
+def kld_tokens(scans: list[dict], options: list[Option]) -> tuple[np.ndarray, dict]:
+    """R's per-token KLD over the scans' chunks and each option's group's (from the scans' kept rounds)."""
+    ref = scores.read(Path(scans[0]["reference"]["scores"])).arrays["kld"]
+    tokens = {}
+    for o in options:
+        g = next(g for g in scans[o.scan]["groups"] if g["name"] == o.group)
+        tokens[o] = group_tokens(Path(g["scan_dir"]), tuple(scans[o.scan]["settings"]["looks"]), g["chunks"], "kld")
+    return ref, tokens
+
+
+def choose_for_tail(options: list[Option], limit: float, predict) -> list[Option]:
+    """For a budget on the recipe's own KLD percentile, which no sum of groups' effects gives: the
+    mean-KLD knapsack's choices at TAIL_BUDGETS mean budgets (geometric, up to the options' total), the
+    one of most gain whose predicted percentile (predict(chosen)["mean"]) is at most limit."""
+    total = sum(o.cost for o in options if o.cost > 0) or 1.0
+    best: list[Option] = []
+    for b in np.geomspace(total / 1e4, total, TAIL_BUDGETS):
+        chosen = choose(options, float(b))
+        if sum(o.gain for o in chosen) > sum(o.gain for o in best) and predict(chosen)["mean"] <= limit:
+            best = chosen
+    return best
 
 
 def verdict(pred: dict, measured: dict, limit: float) -> dict:

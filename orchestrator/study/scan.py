@@ -91,10 +91,19 @@ def _round(inp: Inputs, d: ScanDir, ref: Side, enc: Side, g: Group, a: int, b: i
     return float(res["seconds"])
 
 
+def _rounds(d: ScanDir, looks: tuple[int, ...], upto: int) -> list[scores.Scores]:
+    return [scores.read(d.scores(a, b)) for a, b in zip((0,) + looks, looks) if b <= upto]
+
+
 def _diffs(d: ScanDir, ref_means: dict, looks: tuple[int, ...], upto: int) -> dict[str, np.ndarray]:
     """Per quantity, the group's per-chunk mean minus R's, over the rounds scored up to chunk `upto`."""
-    parts = [scores.read(d.scores(a, b)) for a, b in zip((0,) + looks, looks) if b <= upto]
+    parts = _rounds(d, looks, upto)
     return {q: np.concatenate([chunk_means(p, q) for p in parts]) - ref_means[q][:upto] for q in QUANTITIES}
+
+
+def group_tokens(scan_dir: Path, looks: tuple[int, ...], chunks: int, quantity: str) -> np.ndarray:
+    """A finished group's per-token scores of quantity, (chunks, tokens), from its kept rounds."""
+    return np.concatenate([p.arrays[quantity] for p in _rounds(ScanDir(Path(scan_dir)), looks, chunks)])
 
 
 def scan_group(inp: Inputs, ref: Side, enc: Side, g: Group, rule: Rule, ref_means: dict, kld_base: Path,

@@ -85,6 +85,15 @@ class _Sorted:
         return out
 
 
+def own_percentile(kld: np.ndarray, level: str) -> dict:
+    """One (n_chunk, tokens) array of per-token KLD: its percentile at level (a LEVELS key), with
+    Woodruff's interval from MIN_CHUNKS chunks on."""
+    srt = _Sorted(np.asarray(kld, dtype=np.float32))
+    value = percentile(srt.values, LEVELS[level])
+    lo, hi = srt.woodruff(LEVELS[level], value) if kld.shape[0] >= MIN_CHUNKS else (None, None)
+    return {"mean": value, "lo": lo, "hi": hi}
+
+
 def _interval(boot: np.ndarray, n_chunk: int) -> tuple[float, float]:
     half = expanded_alpha(n_chunk, CONFIDENCE) / 2
     lo, hi = np.quantile(boot, [half, 1 - half])
