@@ -446,6 +446,9 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, tas
               help="Stop scoring a group once its KLD effect's interval is wholly above or below this (nats/token).")
 @click.option("--width", type=click.FloatRange(0, min_open=True), default=None,
               help="Stop scoring a group once its KLD effect's interval half-width is at most this.")
+@click.option("--screen", is_flag=True,
+              help="With --by layer-kind or tensor and --threshold: scan each layer and each kind whole first, and "
+                   "skip the groups inside one whose whole effect is below the threshold.")
 @click.option("--model", type=UserPath(), default=None, help="Base model GGUF (default: the built-in demo model).")
 @click.option("--text", type=UserPath(), default=None, help="Text to score (default: the built-in demo text).")
 @click.option("--out", type=UserPath(), default=None, help="Output directory (default: plots/scan-<encoding>-<by>-<model>).")
@@ -461,8 +464,8 @@ def sweep(radius, tables, types, config, model, text, out, ctx, chunks, kld, tas
 @RAY_ADDRESS
 @BACKEND
 @LLAMA_ENV
-def scan(radius, table, qtype, reference, by, threshold, width, model, text, out, ctx, chunks, threads, split, plan_only,
-         executor, ray_address, backend, llama_env):
+def scan(radius, table, qtype, reference, by, threshold, width, screen, model, text, out, ctx, chunks, threads, split,
+         plan_only, executor, ray_address, backend, llama_env):
     """Where does an encoding hurt? Apply it to one group of tensors at a time (against stock Q4_0 for a
     radius, stock Q8_0 for a table, --reference for a type) and score each group's model against the base,
     adaptively."""
@@ -472,6 +475,9 @@ def scan(radius, table, qtype, reference, by, threshold, width, model, text, out
         raise OrchestrateError("give the encoding to scan: --radius N, --table NAME or --type TYPE")
     if reference is not None and qtype is None:
         raise OrchestrateError("--reference is for a --type scan (a radius is scanned on Q4_0, a table on Q8_0)")
+    if screen and (threshold is None or by not in ("layer-kind", "tensor")):
+        raise OrchestrateError("--screen needs --threshold and --by layer-kind or tensor (it screens them by "
+                               "their layers and kinds)")
     if qtype is not None:
         reference = reference or "Q8_0"
         if reference.upper() == qtype.upper():
@@ -484,14 +490,16 @@ def scan(radius, table, qtype, reference, by, threshold, width, model, text, out
                          ctx=ctx, chunks=chunks)
     opts = driver.Options(threads=threads, llama_env=_llama_env(llama_env), backend=backend, split=split)
     if plan_only:
-        for line in driver.plan_scan(exp, by, model, text, opts):
+        for line in driver.plan_scan(exp, by, model, text, opts, screen=screen):
             click.echo(line)
         return
     on_cluster = _on_cluster(executor, ray_address)
     out_dir, doc = driver.scan(exp, by, model, text, out, opts, threshold=threshold, width=width,
-                               address=ray_address, on_cluster=on_cluster)
+                               address=ray_address, on_cluster=on_cluster, screen=screen)
     top = doc["groups"] and max(doc["groups"], key=lambda g: g["effects"]["kld"]["mean"])
-    click.echo(f"{len(doc['groups'])} groups scanned" + (f"; most sensitive: {top['name']}" if top else ""))
+    screened = len(doc["screen"]["screened"]) if doc.get("screen") else 0
+    click.echo(f"{len(doc['groups'])} groups scanned" + (f", {screened} screened out" if screened else "")
+               + (f"; most sensitive: {top['name']}" if top else ""))
     click.echo(f"report: {out_dir / 'scan.md'}")
 
 

@@ -301,26 +301,47 @@ def _looks(p: Prepared) -> tuple[int, ...]:
     return tuple(sequential.schedule(p.chunks, align=max(1, BATCH // p.inp.ctx)))
 
 
-def _scan_here(inp: Inputs, variants: list[Variant], rows: list[results.Row], by: str, rule: scan_mod.Rule,
-               step) -> list[scan_mod.GroupResult]:
-    """The scan's groups, one after another on this machine."""
+def _scan_runner(inp: Inputs, variants: list[Variant], rows: list[results.Row], rule: scan_mod.Rule, step,
+                 on_cluster: bool, address: str | None):
+    """The tensors E changes in R, and a function that scores groups of them to their verdicts: one
+    after another here, or as Ray tasks."""
     base, ref, enc = rows
-    sides = []
-    for v, r in zip(variants[1:], rows[1:]):
-        run = kept_model(inp, v, step)
-        sides.append(scan_mod.Side(r.name, run.model, v.qtype, r.tensor_key, Path(r.scores_file)))
-    changed = groups.changed_tensors(sides[0].model, sides[1].model)
+    if on_cluster:
+        from .study import cluster
+        changed = cluster.changed_tensors(inp, variants, address)
+
+        def run(gs):
+            return cluster.run_groups(inp, variants, rows, gs, rule, address)
+    else:
+        sides = []
+        for v, r in zip(variants[1:], rows[1:]):
+            run_ = kept_model(inp, v, step)
+            sides.append(scan_mod.Side(r.name, run_.model, v.qtype, r.tensor_key, Path(r.scores_file)))
+        changed = groups.changed_tensors(sides[0].model, sides[1].model)
+
+        def run(gs):
+            return scan_mod.run_scan(inp, *sides, gs, rule, ScoreDir(Path(base.score_dir)).logits)
     if not changed:
         raise OrchestrateError(f"{enc.name} changes no tensor of {ref.name}: there is nothing to scan")
-    gs = groups.make_groups(changed, by)
-    logger.info("scan: %d group%s by %s, looks after %s chunks", len(gs), "s" * (len(gs) != 1), by,
-                ", ".join(map(str, rule.looks)))
-    return scan_mod.run_scan(inp, *sides, gs, rule, ScoreDir(Path(base.score_dir)).logits)
+    return changed, run
+
+
+def _screened(changed: list[str], gs: list[groups.Group], run) -> tuple[list[scan_mod.GroupResult], dict]:
+    """--screen: the layers and kinds scanned whole first; the groups inside one decided below the
+    threshold are not scored (scan.screened)."""
+    parents, seen = [], set()
+    for g in groups.make_groups(changed, "layer") + groups.make_groups(changed, "kind"):
+        if g.tensors not in seen:
+            seen.add(g.tensors)
+            parents.append(g)
+    logger.info("scan --screen: first the %d layers and kinds whole", len(parents))
+    found = run(parents)
+    return found, scan_mod.screened(gs, found)
 
 
 def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: Path | None, opts: Options = Options(),
          threshold: float | None = None, width: float | None = None, address: str | None = None,
-         on_cluster: bool = False) -> tuple[Path, dict]:
+         on_cluster: bool = False, screen: bool = False) -> tuple[Path, dict]:
     """`orchestrate scan`: exp holds the reference (a stock type) and the encoding (a radius or a table
     on that type); each group of the tensors the encoding changes is scored alone, adaptively: here,
     or with on_cluster as Ray tasks (the cluster at address)."""
@@ -351,10 +372,13 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
                 raise OrchestrateError(f"{r.name} failed: {r.reason}" + (f" (log: {r.log})" if r.log else ""))
         base, ref, enc = rows
         rule = scan_mod.Rule(_looks(p), threshold, width)
-        if on_cluster:
-            found = cluster.run_scan(inp, variants, rows, by, rule, address)
-        else:
-            found = _scan_here(inp, variants, rows, by, rule, display.step)
+        changed, run = _scan_runner(inp, variants, rows, rule, display.step, on_cluster, address)
+        gs = groups.make_groups(changed, by)
+        parents, skip = _screened(changed, gs, run) if screen else ([], {})
+        todo = [g for g in gs if g.name not in skip]
+        logger.info("scan: %d group%s by %s%s, looks after %s chunks", len(todo), "s" * (len(todo) != 1), by,
+                    f" ({len(skip)} screened out)" if screen else "", ", ".join(map(str, rule.looks)))
+        found = run(todo)
         logits = None if on_cluster else ScoreDir(Path(base.score_dir)).logits  # (a cluster's stay on its nodes)
         settings = {"by": by, "looks": list(rule.looks), "threshold": threshold, "width": width,
                     "confidence": paired.CONFIDENCE, "ctx": inp.ctx, "chunks": p.chunks, "threads": inp.threads}
@@ -362,6 +386,10 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
                              {"name": ref.name, "type": ref.type, "scores": ref.scores_file}, inp.base, logits,
                              inp.text, inp.text_id, fork, [r.to_dict() for r in rows],
                              [g.to_dict() for g in found])
+        doc["screen"] = ({"parents": [g.to_dict() for g in parents],
+                          "screened": [{"name": g.name, "layer": g.layer, "kind": g.kind, "tensors": list(g.tensors),
+                                        "by": skip[g.name].group.name, "below": skip[g.name].effects["kld"].hi}
+                                       for g in gs if g.name in skip]} if screen else None)
         doc["model"] = str(model)
         doc["scanned"] = texts.record(inp.text, inp.text_id, scanned)
         doc["held_out"] = texts.record(held_out.path, held_out.sha256, held_out) if held_out else None
@@ -369,7 +397,8 @@ def scan(exp: Experiment, by: str, model: Path | None, text: Path | None, out: P
     return out, doc
 
 
-def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, opts: Options = Options()) -> list[str]:
+def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, opts: Options = Options(),
+              screen: bool = False) -> list[str]:
     """`scan --plan`: the sweep plan of the base, R and E (kept, scored with KLD), then the groups, the most
     chunks they can take, and the time if every group took them all (the most the scan can cost)."""
     model, text = model_and_text(model, text)
@@ -393,9 +422,14 @@ def plan_scan(exp: Experiment, by: str, model: Path | None, text: Path | None, o
     _, per_group = plan.estimate(p.exp.types[-1], inp.base.path.stat().st_size / 2 ** 20, looks[-1] * inp.ctx, params,
                                  plan.history(inp.cache), None)
     most = f"~{plan.duration(per_group * len(gs))}" if per_group else "?"
-    return lines + [f"scan: {len(gs)} groups by {by} of the {len(tensors)} {what}; looks after "
-                    f"{', '.join(map(str, looks))} chunks; at most {len(gs) * looks[-1]} chunks in all, perplexity "
-                    f"{most} if no group stops early; one group model at a time on disk beside R's and E's"]
+    lines.append(f"scan: {len(gs)} groups by {by} of the {len(tensors)} {what}; looks after "
+                 f"{', '.join(map(str, looks))} chunks; at most {len(gs) * looks[-1]} chunks in all, perplexity "
+                 f"{most} if no group stops early; one group model at a time on disk beside R's and E's")
+    if screen:
+        wholes = {g.tensors for g in groups.make_groups(tensors, "layer") + groups.make_groups(tensors, "kind")}
+        lines.append(f"scan --screen: first the {len(wholes)} layers and kinds whole (at most {len(wholes) * looks[-1]} "
+                     "chunks more); the groups inside one decided below the threshold are then not scored")
+    return lines
 
 
 def recipe(scan_dirs: list[Path], budgets: list[recipe_mod.Budget], out: Path | None, text: Path | None,

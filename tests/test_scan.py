@@ -62,6 +62,26 @@ def test_groups_by_kind_layer_and_tensor():
         groups.rule_pattern("blk.*.x")
 
 
+def test_screening_skips_the_groups_inside_a_whole_decided_below():
+    from orchestrator.study.scan import Effect, GroupResult, screened
+    names = [f"blk.{i}.{k}.weight" for i in range(3) for k in ("attn_q", "ffn_up")] + ["output.weight"]
+    cells = groups.make_groups(names, "layer-kind")
+
+    def result(g, verdict, hi):
+        return GroupResult(g, 16, verdict, {"kld": Effect(hi / 2, 0.0, hi)}, 0.0, "", {})
+    layers = {g.name: g for g in groups.make_groups(names, "layer")}
+    kinds = {g.name: g for g in groups.make_groups(names, "kind")}
+    parents = [result(layers["blk.0"], "below", 0.04), result(layers["blk.1"], "above", 0.2),
+               result(layers["blk.2"], "undecided", 0.06), result(kinds["attn_q"], "below", 0.03),
+               result(kinds["ffn_up"], "above", 0.3), result(layers["output"], "below", 0.01)]
+    out = screened(cells, parents)
+    # blk.0's cells by their layer (attn_q: by the kind too, whose bound is lower); attn_q everywhere
+    assert {n: p.group.name for n, p in out.items()} == {"blk.0.attn_q": "attn_q", "blk.0.ffn_up": "blk.0",
+                                                         "blk.1.attn_q": "attn_q", "blk.2.attn_q": "attn_q"}
+    # a group that is its whole (output: the same tensors) is never screened by itself: it was scored
+    assert "output" not in out
+
+
 # ---- llama-perplexity's window (patch 0007) and the scan on the demo --------------------------
 
 def _perplexity(fork, model, text, out, chunks_env=None, extra=()):
@@ -184,11 +204,39 @@ def test_scan_by_layer_of_radius_1_on_the_demo(fork, tmp_path):
     assert "Chunks scored: 240 of the 240" in (out / "scan.md").read_text()
 
 
+def test_a_screened_scan_by_layer_and_kind_on_the_demo(fork, tmp_path):
+    out = tmp_path / "screened"
+    res = orchestrate("scan", "--radius", "1", "--by", "layer-kind", "--screen", "--threshold", "0.05", "--ctx", "128",
+                      "--chunks", "16", "--out", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((out / "scan.json").read_text())
+    screen = doc["screen"]
+    parents = {g["name"]: g for g in screen["parents"]}
+    assert len(parents) == 30 + 7 and len(doc["groups"]) + len(screen["screened"]) == 30 * 7
+    assert screen["screened"] and "screened out" in res.stdout
+    for g in screen["screened"]:  # each inside a layer or kind decided below, bounded by its interval
+        p = parents[g["by"]]
+        assert p["verdict"] == "below" and set(g["tensors"]) < set(p["tensors"]) and g["below"] == p["effects"]["kld"]["hi"]
+    for g in doc["groups"]:  # each scored group: neither its layer nor its kind was decided below
+        assert all(parents[n]["verdict"] != "below" for n in (f"blk.{g['layer']}", g["kind"])), g["name"]
+    md = (out / "scan.md").read_text()
+    assert "Screened (`--screen`)" in md and "| blk.0 | 7 |" in md
+    assert (out / "scan.csv").read_text().count(",screened by ") == len(screen["screened"])
+    _check_figure(out / "scan_heatmap.png")
+    # a recipe needs every group's own effect
+    res = orchestrate("recipe", out, "--budget", "kld=0.1", "--text", tmp_path / "x.txt", "--out", tmp_path / "r")
+    assert res.returncode == 1 and "was screened" in res.stderr and not (tmp_path / "r").exists()
+
+
 def test_scan_refuses_what_it_cannot_do(fork, tmp_path):
     res = orchestrate("scan", "--out", tmp_path / "x")
     assert res.returncode != 0 and "give the encoding to scan" in res.stderr and "Traceback" not in res.stderr
     res = orchestrate("scan", "--radius", "1", "--table", "basic", "--out", tmp_path / "x")
     assert res.returncode != 0 and "give the encoding to scan" in res.stderr
+    res = orchestrate("scan", "--radius", "1", "--by", "kind", "--screen", "--threshold", "0.1", "--out", tmp_path / "x")
+    assert res.returncode == 1 and "--screen needs --threshold and --by layer-kind" in res.stderr
+    res = orchestrate("scan", "--radius", "1", "--by", "layer-kind", "--screen", "--out", tmp_path / "x")
+    assert res.returncode == 1 and "--screen needs --threshold" in res.stderr
     res = orchestrate("scan", "--radius", "1", "--by", "row", "--out", tmp_path / "x")
     assert res.returncode == 2 and "row" in res.stderr
 

@@ -23,10 +23,12 @@ def _place(g, by: str) -> tuple[str, str]:
 
 
 def _grid(doc):
-    """Rows (layers in order, then the rest), columns (kinds) and each group's (row, column) index."""
+    """Rows (layers in order, then the rest), columns (kinds) and each group's (row, column) index: the
+    scored groups', then the screened ones'."""
     by = doc["settings"]["by"]
-    places = [_place(g, by) for g in doc["groups"]]
-    layer = {f"blk.{g['layer']}": g["layer"] for g in doc["groups"] if g["layer"] is not None}
+    every = doc["groups"] + scans.screened(doc)
+    places = [_place(g, by) for g in every]
+    layer = {f"blk.{g['layer']}": g["layer"] for g in every if g["layer"] is not None}
     rows = sorted({r for r, _ in places}, key=lambda r: (r not in layer, layer.get(r, 0), r))
     cols = sorted({c for _, c in places})
     return rows, cols, [(rows.index(r), cols.index(c)) for r, c in places]
@@ -42,6 +44,7 @@ def fig_heatmap(doc, out: Path) -> str:
         mean[r, c] = e["mean"]
         undecided[r, c] = e["lo"] is None or e["lo"] <= 0 <= e["hi"]
         text[r, c] = f"{e['mean']:.3g}" + (f"\n±{(e['hi'] - e['lo']) / 2:.2g}" if e["lo"] is not None else "")
+    screened = {cell: g for g, cell in zip(scans.screened(doc), cells[len(doc["groups"]):])}
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(kinds) + 2), max(2.5, 0.42 * len(rows) + 1.5)))
     top = np.nanmax(np.abs(mean)) if np.isfinite(mean).any() else 1.0
     im = ax.imshow(np.ma.masked_invalid(mean), cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto")
@@ -51,6 +54,10 @@ def fig_heatmap(doc, out: Path) -> str:
                 color="white" if dark else "0.35" if undecided[r, c] else "black")
         if undecided[r, c]:
             ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", ec="0.6", lw=0))
+    for (r, c), g in screened.items():  # not scored: below its layer's or kind's bound
+        ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, color="0.9", lw=0))
+        ax.text(c, r, f"≤{g['below']:.2g}", ha="center", va="center", color="0.45", style="italic",
+                fontsize=7 if len(rows) * len(kinds) < 200 else 5)
     ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     conf = doc["settings"]["confidence"]
@@ -58,7 +65,8 @@ def fig_heatmap(doc, out: Path) -> str:
     enc, ref = doc["encoding"]["name"], doc["reference"]["name"]
     ax.set_title(f"Where does {enc} hurt? Each group alone, against {ref}\n"
                  f"cell: mean ± half of its {conf:.0%} interval (alpha spent over the looks); hatched: "
-                 f"the interval holds 0", fontsize=9)
+                 f"the interval holds 0" + ("; grey ≤x: screened out (its layer or kind whole is below x)"
+                                            if screened else ""), fontsize=9)
     return _save(fig, out, "scan_heatmap")
 
 
@@ -86,8 +94,9 @@ def _fmt(e) -> str:
 
 def render(doc, figures) -> str:
     s = doc["settings"]
-    fixed = len(doc["groups"]) * s["looks"][-1]
-    used = sum(g["chunks"] for g in doc["groups"])
+    screen = doc.get("screen") or {"parents": [], "screened": []}
+    fixed = (len(doc["groups"]) + len(screen["screened"])) * s["looks"][-1]
+    used = sum(g["chunks"] for g in doc["groups"] + screen["parents"])
     lines = [f"# Scan: {doc['encoding']['name']} against {doc['reference']['name']}, by {s['by']}", "",
              f"- Base: `{doc['base']['path']}`; text `{doc['text']}`; -c {s['ctx']}, up to {s['looks'][-1]} chunks",
              f"- Each group: {doc['reference']['name']} with {doc['encoding']['name']} on that group's tensors only, "
@@ -98,7 +107,17 @@ def render(doc, figures) -> str:
              + (f"; a group stops once its interval is above or below {s['threshold']}" if s.get("threshold")
                 is not None else "")
              + (f"; or once its half-width is at most {s['width']}" if s.get("width") is not None else "") + ".",
-             f"- Chunks scored: {used} of the {fixed} a fixed schedule would score ({used / fixed:.2f}).", ""]
+             f"- Chunks scored: {used} of the {fixed} a fixed schedule would score ({used / fixed:.2f})"
+             + (" (the layers and kinds scanned whole included)" if screen["parents"] else "") + ".", ""]
+    if doc.get("screen"):
+        lines += [f"- Screened (`--screen`): the {len(screen['parents'])} layers and kinds were scanned whole first; "
+                  f"{len(screen['screened'])} of the {len(screen['screened']) + len(doc['groups'])} groups lie inside "
+                  "one whose whole effect was decided below the threshold and were not scored (their bound: that "
+                  "whole's upper limit). This assumes that the encoding on part of a group hurts no more than on "
+                  "all of it.", "", "| layer or kind, whole | tensors | chunks | verdict | KLD effect [interval] |",
+                  "|---|---:|---:|---|---|"]
+        lines += [f"| {g['name']} | {len(g['tensors'])} | {g['chunks']} | {g['verdict']} | {_fmt(g['effects']['kld'])} |"
+                  for g in screen["parents"]] + [""]
     lines += [f"![{f}]({f})" for f in figures] + ["", "| rank | group | tensors | chunks | verdict | "
                                                    "KLD effect [interval] | NLL effect [interval] |",
                                                    "|---:|---|---:|---:|---|---|---|"]

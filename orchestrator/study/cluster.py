@@ -327,22 +327,22 @@ def scan_task(inp: Inputs, variants: list[Variant], keys: tuple[str, str, str], 
     return out
 
 
-def run_scan(inp: Inputs, variants: list[Variant], rows: list[Row], gs_by: str, rule, address: str | None):
-    """A scan's groups as Ray tasks, after its base, R and E ran (rows, in the driver's cache): the tensors
-    E changes (asked of a worker, which has the models), then every group not finished here."""
-    from . import groups
+def changed_tensors(inp: Inputs, variants: list[Variant], address: str | None) -> list[str]:
+    """The tensors E changes in R, asked of a worker (it has, or makes, their models)."""
     ray = connect(address)
-    base, ref_row, enc_row = rows
+    task = ray.remote(_changed).options(num_cpus=inp.threads, num_gpus=0, max_retries=RETRIES, retry_exceptions=False)
+    return ray.get(task.remote(inp, variants))
+
+
+def run_groups(inp: Inputs, variants: list[Variant], rows: list[Row], gs: list[Group], rule,
+               address: str | None) -> list[scan_mod.GroupResult]:
+    """A scan's groups as Ray tasks, after its base, R and E ran (rows, in the driver's cache): every
+    group not finished here, each to its verdict."""
+    ray = connect(address)
+    _, ref_row, enc_row = rows
     ref = scan_mod.Side(ref_row.name, Path(), variants[1].qtype, ref_row.tensor_key, Path(ref_row.scores_file))
     enc = scan_mod.Side(enc_row.name, Path(), variants[2].qtype, enc_row.tensor_key, None)
     ref_means = scan_mod.reference_means(ref, rule)
-    quiet = {"num_cpus": inp.threads, "num_gpus": 0, "max_retries": RETRIES, "retry_exceptions": False}
-    changed = ray.get(ray.remote(_changed).options(**quiet).remote(inp, variants))
-    if not changed:
-        raise OrchestrateError(f"{enc.name} changes no tensor of {ref.name}: there is nothing to scan")
-    gs = groups.make_groups(changed, gs_by)
-    logger.info(f"scan: {len(gs)} group{'s' * (len(gs) != 1)} by {gs_by} on the cluster, looks after "
-                f"{', '.join(map(str, rule.looks))} chunks")
     keys = (scanned(inp.base)["tensor_key"], ref.tensors, enc.tensors)
     board = ray.remote(Board).options(num_cpus=0).remote()
     task = ray.remote(scan_task).options(num_cpus=inp.threads, num_gpus=1 if inp.fork.gpu else 0,

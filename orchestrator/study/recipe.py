@@ -226,6 +226,10 @@ def check_together(scans: list[dict]) -> None:
                 raise OrchestrateError(f"the scans of {first['encoding']['name']} and {sc['encoding']['name']} "
                                        f"differ in their {what}: a recipe chooses among scans of one model, text, "
                                        "reference, grouping and scoring")
+    for sc in scans:
+        if (sc.get("screen") or {}).get("screened"):
+            raise OrchestrateError(f"the scan of {sc['encoding']['name']} was screened: {len(sc['screen']['screened'])} "
+                                   "groups have no effect of their own to choose by (scan without --screen)")
     names = [sc["encoding"]["name"] for sc in scans]
     if len(set(names)) != len(names):
         raise OrchestrateError(f"the same encoding scanned twice among the scans ({', '.join(names)})")

@@ -159,6 +159,19 @@ def _result(g: Group, kept: dict, d: ScanDir) -> GroupResult:
                        kept["seconds"], str(d.path), kept["per_chunk"])
 
 
+def screened(gs: list[Group], parents: list[GroupResult]) -> dict[str, GroupResult]:
+    """The groups that need not be scored (name -> the parent that screens them): those whose tensors
+    are some of a larger group's whose whole effect was decided below the threshold. This assumes that
+    the encoding on part of a group hurts no more than on all of it (effects of the group's parts that
+    are not negative, or small beside the rest): what screening rests on, and what a full scan checks."""
+    out = {}
+    for g in gs:
+        inside = [p for p in parents if p.verdict == "below" and set(g.tensors) < set(p.group.tensors)]
+        if inside:
+            out[g.name] = min(inside, key=lambda p: p.effects["kld"].hi)
+    return out
+
+
 def reference_means(ref: Side, rule: Rule) -> dict[str, np.ndarray]:
     """R's per-chunk means, per quantity: what every group is compared with."""
     ref_scores = scores.read(ref.scores)
