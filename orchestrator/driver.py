@@ -19,6 +19,7 @@ from .fetch import sha256_of
 from .files import check_input_file, read_json
 from .fork import build
 from .fork.build import Fork
+from .hooks.conf import Hooks, rule_arg, write_conf
 from .hooks.tables import FITTED, fit
 from .study import analysis, answers, cache, fitting, groups, paired, plan, recipe as recipe_mod, runs, scan as scan_mod
 from .study import scores, sequential, stats, tails
@@ -456,24 +457,22 @@ def recipe(scan_dirs: list[Path], budgets: list[recipe_mod.Budget], out: Path | 
         return out, _recipe(found, scan_dirs, budgets, out, held, held_record, opts, model, options)
 
 
-def _recipe(found: list[dict], scan_dirs: list[Path], budgets: list[recipe_mod.Budget], out: Path, held: Path,
-            held_record: dict, opts: Options, model: Path, options: list[recipe_mod.Option]) -> dict:
-    from .report import recipe_report
-    first, ref = found[0], found[0]["reference"]
-    encs = [sc["encoding"] for sc in found]
-    by_type = recipe_mod.by_type(first)
-    axis = "bpw" if by_type else "zero_fraction"  # what a recipe gains: bits (a type scan) or zeros
-    n_looks = min(len(sc["settings"]["looks"]) for sc in found)
-    made = []
-    level = budgets[0].tail
-    if level:  # the recipe's own KLD percentile: predicted token by token
+def _predictor(found: list[dict], options: list[recipe_mod.Option], level: str | None):
+    """What predicts a recipe's figure: its groups' summed effect (recipe.predicted) or, for a tail
+    budget, its own percentile token by token (recipe.tail_prediction)."""
+    if level:
         ref_tokens, tokens = recipe_mod.kld_tokens(found, options)
+        return lambda chosen: recipe_mod.tail_prediction(chosen, ref_tokens, tokens, level)
+    n_looks = len(found[0]["settings"]["looks"])  # (the scans' settings are the same: check_together)
+    return lambda chosen: recipe_mod.predicted(chosen, n_looks)
 
-        def predict(chosen):
-            return recipe_mod.tail_prediction(chosen, ref_tokens, tokens, level)
-    else:
-        def predict(chosen):
-            return recipe_mod.predicted(chosen, n_looks)
+
+def _made(found: list[dict], scan_dirs: list[Path], budgets: list[recipe_mod.Budget], out: Path,
+          options: list[recipe_mod.Option]) -> list[dict]:
+    """A recipe per budget, its file written (none when no group fits: the reference itself)."""
+    ref, encs, level = found[0]["reference"], [sc["encoding"] for sc in found], budgets[0].tail
+    predict = _predictor(found, options, level)
+    made = []
     for b in budgets:
         chosen = recipe_mod.choose_for_tail(options, b.limit, predict) if level else recipe_mod.choose(options, b.limit)
         name = f"recipe-{b.quantity}{'-' if level else ''}{b.limit:g}"
@@ -482,23 +481,41 @@ def _recipe(found: list[dict], scan_dirs: list[Path], budgets: list[recipe_mod.B
                 f"on {ref['type']} for {b.label}, from the scan{'s' * (len(found) > 1)} "
                 f"{', '.join(str(d.resolve()) for d in scan_dirs)}")
         path = recipes.write_recipe(out / f"{name}.yaml", name, ref["type"], rules, note, types) if chosen else None
+        if rules:  # the same recipe for the fork's own llama-quantize (PABLO_CONF=...)
+            write_conf(out / f"{name}.pablo.conf", Hooks(True, rules=tuple(rule_arg(r) for r in rules)))
+        if types:  # ... and its --tensor-type-file
+            groups.type_file(tuple(types), types, out / f"{name}.tensor-types.txt")
         made.append({"name": name, "budget": {"quantity": b.quantity, "limit": b.limit}, "file": str(path) if path else None,
                      "groups": [o.group for o in chosen], "choices": {o.group: encs[o.scan]["name"] for o in chosen},
                      "gain": sum(o.gain for o in chosen), "predicted": predict(chosen),
                      "rules": len(rules) + len(types)})
+    return made
+
+
+def _verifying(found: list[dict], scan_dirs: list[Path], made: list[dict]) -> Experiment:
+    """One sweep for every recipe, the reference and each scan's global encoding."""
+    first, ref, encs = found[0], found[0]["reference"], [sc["encoding"] for sc in found]
     built = [recipes.read_recipe(Path(r["file"])) for r in made if r["file"]]
-    exp = Experiment(f"verify-{'-'.join(d.name for d in scan_dirs)}",
-                     types=[ref["type"]] + ([e["type"] for e in encs] if by_type else []),
-                     ctx=first["settings"]["ctx"], chunks=first["settings"]["chunks"],
-                     radius=[e["radius"] for e in encs if e.get("radius") is not None],
-                     tables=[sc["variants"][2]["table_file"] for sc in found if sc["encoding"].get("table")],
-                     rules=[RuleSet(name, qtype, tensors=tuple(rules), tensor_types=tuple(types.items()))
-                            for name, qtype, rules, types in built])
-    _, sweep_doc = sweep(exp, model, held, out / "verify", replace(opts, kld=True), reference=ref["name"])
+    return Experiment(f"verify-{'-'.join(d.name for d in scan_dirs)}",
+                      types=[ref["type"]] + ([e["type"] for e in encs] if recipe_mod.by_type(first) else []),
+                      ctx=first["settings"]["ctx"], chunks=first["settings"]["chunks"],
+                      radius=[e["radius"] for e in encs if e.get("radius") is not None],
+                      tables=[sc["variants"][2]["table_file"] for sc in found if sc["encoding"].get("table")],
+                      rules=[RuleSet(name, qtype, tensors=tuple(rules), tensor_types=tuple(types.items()))
+                             for name, qtype, rules, types in built])
+
+
+def _recipe(found: list[dict], scan_dirs: list[Path], budgets: list[recipe_mod.Budget], out: Path, held: Path,
+            held_record: dict, opts: Options, model: Path, options: list[recipe_mod.Option]) -> dict:
+    from .report import recipe_report
+    ref, encs = found[0]["reference"], [sc["encoding"] for sc in found]
+    axis = "bpw" if recipe_mod.by_type(found[0]) else "zero_fraction"  # what a recipe gains: bits or zeros
+    q, level = budgets[0].quantity, budgets[0].tail
+    made = _made(found, scan_dirs, budgets, out, options)
+    _, sweep_doc = sweep(_verifying(found, scan_dirs, made), model, held, out / "verify", replace(opts, kld=True),
+                         reference=ref["name"])
     rows = {r["name"]: r for r in sweep_doc["variants"]}
-    vs = sweep_doc["paired"].get("vs_reference", {})
-    q = budgets[0].quantity
-    own_tail = sweep_doc["tails"].get("variants", {})
+    vs, own_tail = sweep_doc["paired"].get("vs_reference", {}), sweep_doc["tails"].get("variants", {})
 
     def measured_of(name: str) -> dict | None:
         """A variant's measured figure for the budget: its effect over R's, or (a tail) its own percentile."""
@@ -518,8 +535,8 @@ def _recipe(found: list[dict], scan_dirs: list[Path], budgets: list[recipe_mod.B
                            if r["name"] in chunks else None)
     doc = {"scans": [{"dir": str(d.resolve()), "sha256": sha256_of(d / scans.FILE), "encoding": e}
                      for d, e in zip(scan_dirs, encs)],
-           "reference": ref, "quantity": budgets[0].quantity, "axis": axis,
-           "texts": {"scan": {"file": first["text"], "sha256": first["text_sha256"]},
+           "reference": ref, "quantity": q, "axis": axis,
+           "texts": {"scan": {"file": found[0]["text"], "sha256": found[0]["text_sha256"]},
                      "verify": held_record},
            "recipes": made,
            "globals": {n: {"x": rows[n][axis], "measured": measured_of(n)} for n in global_names},

@@ -249,6 +249,9 @@ def test_recipes_from_a_demo_scan_are_built_and_measured_on_held_out_text(fork, 
                        "--threads", "2", cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-2000:]
     assert analysis.scan(tmp_path / "mine.gguf")["tensor_key"] == rows[large["name"]]["tensor_key"]
+    # ... and so does the fork's own llama-quantize given the recipe's pablo.conf
+    direct(fork, demo_base, tmp_path / "direct.gguf", "Q4_0", {"PABLO_CONF": large["file"].replace(".yaml", ".pablo.conf")})
+    assert analysis.scan(tmp_path / "direct.gguf")["tensor_key"] == rows[large["name"]]["tensor_key"]
     wrong = orchestrate("quantize", demo_base, tmp_path / "x.gguf", "Q8_0", "--recipe", large["file"])
     assert wrong.returncode == 1 and "is a Q4_0 recipe" in wrong.stderr
     # a recipe is never measured on the text it was made on
@@ -268,6 +271,16 @@ def test_recipes_from_a_demo_scan_are_built_and_measured_on_held_out_text(fork, 
     assert r["measured"]["mean"] == sweep_tails[r["name"]]["p99"]["value"]  # the verifying sweep's own figure
     assert doc["globals"]["q4_0"]["measured"]["mean"] == sweep_tails["q4_0"]["p99"]["value"] > 0
     assert "predicted token by token" in (tmp_path / "rtail" / "recipe.md").read_text()
+
+
+def direct(fork, base, out, qtype, env, extra=()):
+    """The fork's llama-quantize, run by hand as a user of the recipe's files would."""
+    import subprocess
+
+    from orchestrator.proc import clean_env
+    res = subprocess.run([str(fork.binary("llama-quantize")), *extra, str(base), str(out), qtype, "2"],
+                         env={**clean_env(), **env}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 def test_type_recipes_trade_bits_from_one_scan_or_several(fork, demo_base, tmp_path):
@@ -291,6 +304,10 @@ def test_type_recipes_trade_bits_from_one_scan_or_several(fork, demo_base, tmp_p
     assert made.returncode == 0, made.stderr[-2000:]
     assert analysis.scan(tmp_path / "mine.gguf")["tensor_key"] == rows[name]["tensor_key"]
     assert not list(tmp_path.glob(".*tensor-types"))  # the type file given to llama-quantize is gone
+    # the fork's own llama-quantize with the recipe's --tensor-type-file makes the same tensors
+    direct(fork, demo_base, tmp_path / "direct.gguf", "Q8_0", {},
+           ["--tensor-type-file", large["file"].replace(".yaml", ".tensor-types.txt")])
+    assert analysis.scan(tmp_path / "direct.gguf")["tensor_key"] == rows[name]["tensor_key"]
     # from two type scans against the same reference: each group takes Q4_0, Q5_0 or stays Q8_0
     scan5 = orchestrate("scan", "--type", "Q5_0", "--reference", "Q8_0", "--by", "kind", "--ctx", "128", "--chunks",
                         "16", "--threads", "2", "--split-text", "0.5", "--out", "scan5", cwd=tmp_path)

@@ -11,7 +11,7 @@ source of truth and a re-run (local or not) finds the variant done. Models and l
 on the worker. A task whose worker dies is retried by Ray; the driver holds each in-flight
 variant's run lock, which the OS releases if the driver dies.
 
-A scan's groups go the same way (run_scan): each group is a task that makes R's and E's models and
+A scan's groups go the same way (run_groups): each group is a task that makes R's and E's models and
 the base's logits once per node, takes the rounds the driver already has (a chunk scored once is
 never scored again) and brings its rounds and verdict back into the driver's scan directory.
 """
@@ -30,7 +30,7 @@ from .. import paths
 from ..errors import OrchestrateError
 from ..files import read_text, write_atomic, write_json
 from ..results import Row
-from . import runner, scan as scan_mod
+from . import groups, runner, scan as scan_mod
 from .groups import Group
 from .runs import Inputs, RunDir, ScoreDir, run_dir, score_dir
 from .base import scanned
@@ -286,12 +286,24 @@ def run(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit:
 
 # ---- a scan's groups ------------------------------------------------------------------------
 
-def _changed(inp: Inputs, variants: list[Variant]) -> list[str]:
+def _on_worker(work) -> dict:
+    """work() on this node: {ok, value} or {ok: False, reason (one line), log_text (a bug's trace)}."""
+    node = _node()
+    try:
+        return {"ok": True, "value": work(), "node": node}
+    except OrchestrateError as e:
+        return {"ok": False, "reason": f"on node {node}: {e}", "log_text": None}
+    except Exception as e:  # a bug: one line here, its trace in the log
+        return {"ok": False, "reason": f"on node {node}: internal error: {type(e).__name__}: {e}",
+                "log_text": "".join(traceback.format_exception(e))}
+
+
+def _changed(inp: Inputs, variants: list[Variant]) -> dict:
     """On a worker: the tensors E changes in R (from their models, made in its cache if need be)."""
-    from . import groups
-    winp = worker_inputs(inp, variants)
-    models = [_kept(winp, v) for v in variants[1:]]
-    return groups.changed_tensors(*models)
+    def work():
+        winp = worker_inputs(inp, variants)
+        return groups.changed_tensors(*[_kept(winp, v) for v in variants[1:]])
+    return _on_worker(work)
 
 
 def _kept(winp: Inputs, v: Variant) -> Path:
@@ -301,15 +313,14 @@ def _kept(winp: Inputs, v: Variant) -> Path:
 
 def scan_task(inp: Inputs, variants: list[Variant], keys: tuple[str, str, str], g: Group, rule, ref_means: dict,
               rounds: dict[str, bytes], board) -> dict:
-    """One scan group on a worker, from the rounds the driver has to its verdict; returns its rounds."""
-    node, start = _node(), time.time()
-    import_ray().get(board.started.remote(g.name, node, start))
-    out = {"node": node, "start": start}
-    try:
+    """One scan group on a worker, from the rounds the driver has to its verdict; brings back its rounds
+    and result (as _on_worker says)."""
+    import_ray().get(board.started.remote(g.name, _node(), time.time()))
+
+    def work():
         winp = worker_inputs(inp, variants)
-        base_v, ref_v, enc_v = variants
         sdir = score_dir(winp, keys[0], None)  # this node's own copy of the base's logits, made once
-        runner.scored(winp, base_v, winp.base.path, sdir, None, lambda *a, **k: None)
+        runner.scored(winp, variants[0], winp.base.path, sdir, None, lambda *a, **k: None)
         ref, enc = (scan_mod.Side(v.name, _kept(winp, v), v.qtype, key, None) for v, key in zip(variants[1:], keys[1:]))
         d = scan_mod.group_dir(winp, ref, enc, g)
         d.path.mkdir(parents=True, exist_ok=True)
@@ -318,20 +329,26 @@ def scan_task(inp: Inputs, variants: list[Variant], keys: tuple[str, str, str], 
                 write_atomic(d.path / name, data)
         scan_mod.scan_group(winp, ref, enc, g, rule, ref_means, sdir.logits,
                             lambda group, what: board.step.remote(group.name, what))
-        out.update(ok=True, rounds=d.rounds(), result=d.result.read_bytes())
-    except OrchestrateError as e:
-        out.update(ok=False, reason=f"on node {node}: {e}")
-    except Exception as e:  # a bug: its trace, in the message
-        out.update(ok=False, reason=f"on node {node}: internal error: {''.join(traceback.format_exception(e))}")
-    out["end"] = time.time()
-    return out
+        return {"rounds": d.rounds(), "result": d.result.read_bytes()}
+    return _on_worker(work)
+
+
+def _failed(res: dict, what: str, log: Path) -> OrchestrateError:
+    if res.get("log_text"):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(log, res["log_text"])
+        return OrchestrateError(f"{what}: {res['reason']} (log: {log})")
+    return OrchestrateError(f"{what}: {res['reason']}")
 
 
 def changed_tensors(inp: Inputs, variants: list[Variant], address: str | None) -> list[str]:
     """The tensors E changes in R, asked of a worker (it has, or makes, their models)."""
     ray = connect(address)
     task = ray.remote(_changed).options(num_cpus=inp.threads, num_gpus=0, max_retries=RETRIES, retry_exceptions=False)
-    return ray.get(task.remote(inp, variants))
+    res = ray.get(task.remote(inp, variants))
+    if not res["ok"]:
+        raise _failed(res, "the tensors the encoding changes", paths.cache_dir() / "errors" / "scan-changed.log")
+    return res["value"]
 
 
 def run_groups(inp: Inputs, variants: list[Variant], rows: list[Row], gs: list[Group], rule,
@@ -363,7 +380,7 @@ def run_groups(inp: Inputs, variants: list[Variant], rows: list[Row], gs: list[G
             done, _ = ray.wait(list(pending), num_returns=1, timeout=30.0)
             if not done:
                 running, _ = ray.get(board.snapshot.remote())
-                logger.info(f"scan: {len(found)}/{len(gs)} groups done; {_status(running, time.time())}")
+                logger.info("scan: %d/%d groups done; %s", len(found), len(gs), _status(running, time.time()))
             for ref_ in done:
                 g, d, lock = pending.pop(ref_)
                 try:
@@ -375,13 +392,13 @@ def run_groups(inp: Inputs, variants: list[Variant], rows: list[Row], gs: list[G
                     lock.release()
                 board.done.remote(g.name)
                 if not res["ok"]:
-                    raise OrchestrateError(f"scan group {g.name}: {res['reason']}")
-                for name, data in res["rounds"].items():
+                    raise _failed(res, f"scan group {g.name}", d.path / "error.log")
+                for name, data in res["value"]["rounds"].items():
                     write_atomic(d.path / name, data)
-                write_atomic(d.result, res["result"])  # last: the group is finished here
+                write_atomic(d.result, res["value"]["result"])  # last: the group is finished here
                 found[g.name] = scan_mod.finished(d, g, rule)
-                logger.info(f"scan {len(found)}/{len(gs)} {g.name}: {found[g.name].verdict} after "
-                            f"{found[g.name].chunks} chunks on {res['node']} ({time.monotonic() - t0:.0f} s so far)")
+                logger.info("scan %d/%d %s: %s after %d chunks on %s (%.0f s so far)", len(found), len(gs), g.name,
+                            found[g.name].verdict, found[g.name].chunks, res["node"], time.monotonic() - t0)
     finally:
         for ref_ in pending:
             ray.cancel(ref_, force=True)
