@@ -59,7 +59,7 @@ class GroupResult:
     effects: dict                # quantity -> Effect (the interval of the look where it stopped)
     seconds: float               # llama-perplexity seconds spent on it (0 when all its rounds were kept)
     scan_dir: str
-    per_chunk: dict              # quantity -> its per-chunk differences to R, chunks 0.. (for recipes' covariance)
+    per_chunk: dict              # quantity -> its per-chunk differences to R, chunks 0.. (recipes add them up)
 
     def to_dict(self) -> dict:
         return {"name": self.group.name, "layer": self.group.layer, "kind": self.group.kind,
@@ -131,7 +131,7 @@ def scan_group(inp: Inputs, ref: Side, enc: Side, g: Group, rule: Rule, ref_mean
         effects = {q: Effect(*sequential.interval(x, alpha)) for q, x in diffs.items()}
         kept = {"rule": _rule_key(rule), "chunks": v.chunks, "verdict": v.verdict,
                 "effects": {q: asdict(e) for q, e in effects.items()}, "seconds": seconds,
-                "per_chunk": {q: [float(x) for x in d] for q, d in diffs.items()}}
+                "per_chunk": {q: [float(v) for v in x] for q, x in diffs.items()}}
         write_json(d.result, kept)
         d.model.unlink(missing_ok=True)
         return _result(g, kept, d)
