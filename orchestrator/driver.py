@@ -535,7 +535,7 @@ def _recipe(found: list[dict], scan_dirs: list[Path], budgets: list[recipe_mod.B
                            if r["name"] in chunks else None)
     doc = {"scans": [{"dir": str(d.resolve()), "sha256": sha256_of(d / scans.FILE), "encoding": e}
                      for d, e in zip(scan_dirs, encs)],
-           "reference": ref, "quantity": q, "axis": axis,
+           "reference": ref, "quantity": q, "quantity_label": recipe_mod.QUANTITIES[q], "axis": axis,
            "texts": {"scan": {"file": found[0]["text"], "sha256": found[0]["text_sha256"]},
                      "verify": held_record},
            "recipes": made,

@@ -5,11 +5,14 @@ prediction held, against the reference and each global encoding on the same axes
 from pathlib import Path
 
 from ..files import write_atomic
-from ..study import tails
 from .plots import _save, plt
 
-LABEL = {"kld": "mean KLD − reference's", "nll": "ln(PPL / PPL reference)",
-         **{f"kld_{k}": f"the model's own {v} KLD" for k, v in tails.LABELS.items() if k in tails.LEVELS}}
+LABEL = {"kld": "mean KLD − reference's", "nll": "ln(PPL / PPL reference)"}
+
+
+def _label(doc: dict) -> str:
+    """The budget's quantity in words (a tail's from recipe.json: `quantity_label`)."""
+    return LABEL.get(doc["quantity"]) or f"the model's own {doc['quantity_label']}"
 
 
 def _ci(c: dict | None, fmt: str = "+.4f") -> str:
@@ -40,13 +43,13 @@ def _how(doc: dict) -> str:
     which = "an" if len(doc["scans"]) > 1 else "the"
     if doc["quantity"].startswith("kld_"):
         return (f"Each recipe takes {which} encoding on the groups of most {gain} whose predicted percentile "
-                f"({LABEL[doc['quantity']]}) is at most the budget: the mean-KLD choices at {len(doc['recipes'])} "
+                f"({_label(doc)}) is at most the budget: the mean-KLD choices at {len(doc['recipes'])} "
                 "budget(s) were tried, each predicted token by token (the reference's per-token KLD plus each "
                 "chosen group's per-token change, on the chunks they were all scored on; Woodruff's interval). "
                 "*Measured*: the recipe's model's own percentile on the held-out text, with Woodruff's interval. "
                 "*Additive*: whether the two intervals meet (token-by-token additivity).")
     return (f"Each recipe takes {which} encoding on the groups of most {gain} whose scanned effects sum to at "
-            f"most the budget ({LABEL[doc['quantity']]}). *Predicted*: the groups' differences to the reference "
+            f"most the budget ({_label(doc)}). *Predicted*: the groups' differences to the reference "
             "added chunk by chunk, averaged over the chunks every chosen group was scored on, with the scan's own "
             "interval (which allows for groups hurt alike by the same chunks). *Measured*: the recipe's model "
             "against the reference on the held-out text, paired by token, 95% bootstrap interval over chunks. "
@@ -91,7 +94,7 @@ def fig_frontier(doc: dict, out: Path) -> str:
         ax.plot(_plotted(doc, g["x"]), y, "s", color="C3", ms=6)
         ax.annotate(f"{n} (global)", (_plotted(doc, g["x"]), y), fontsize=7, xytext=(4, -10), textcoords="offset points")
     ax.set_xlabel(AXIS[doc["axis"]])
-    ax.set_ylabel(f"{LABEL[doc['quantity']]} (held-out text)")
+    ax.set_ylabel(f"{_label(doc)} (held-out text)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(f"Recipes of {_encodings(doc)} on {doc['reference']['name']}: "
