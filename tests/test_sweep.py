@@ -120,7 +120,7 @@ def test_killed_plot_leaves_no_drawing_process_and_no_half_written_figure(swept,
     drawing = _children(proc.pid)
     assert len(drawing) >= 2, "no drawing processes seen"
     proc.terminate()  # the parent only, as a scheduler's kill would
-    proc.wait()
+    proc.wait(timeout=60)
     deadline = time.monotonic() + 10
     while any(map(_alive, drawing)) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -133,6 +133,56 @@ def test_killed_plot_leaves_no_drawing_process_and_no_half_written_figure(swept,
         assert matplotlib.image.imread(p).shape[0] > 100, p.name
     for p in out.glob("*.svg"):
         assert p.read_text().rstrip().endswith("</svg>"), p.name
+
+
+# `orchestrate ARGS`, SIGTERMed DELAY seconds after its first fork: while the drawing pool is still
+# starting its workers (the fork hooks themselves swallow a signal's exception, hence the timer)
+_TERM_AFTER_FIRST_FORK = """
+import os, signal, sys
+from orchestrator.cli import main
+armed = [True]
+def arm():
+    if armed:
+        armed.clear()
+        signal.setitimer(signal.ITIMER_REAL, float(sys.argv[1]))
+signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+os.register_at_fork(after_in_parent=arm)
+main(sys.argv[2:])
+"""
+
+
+def _in_session(sid: int) -> list[int]:
+    pids = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and _alive(int(stat_file.parent.name)):
+            pids.append(int(stat_file.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="figures are drawn in one process on one core")
+def test_a_plot_killed_while_its_workers_start_ends_and_leaves_nothing(swept, tmp_path):
+    """A SIGTERM while the pool forks once left a worker the pool never knew of; the interpreter's exit
+    then waited on it for ever (6 of 20 such runs hung). Delays span the forks of the workers."""
+    for delay in (0.0003, 0.0004, 0.0005, 0.0006, 0.0008, 0.001, 0.0015, 0.003):
+        out = tmp_path / f"out-{delay}"
+        shutil.copytree(swept[0], out)
+        proc = subprocess.Popen([sys.executable, "-c", _TERM_AFTER_FIRST_FORK, str(delay), "plot", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"a plot SIGTERMed {delay} s after its first fork did not end")
+        deadline = time.monotonic() + 10
+        while _in_session(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _in_session(proc.pid), f"drawing processes left behind (delay {delay} s)"
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in swept[0].iterdir())
 
 
 class _KilledWhileSent:

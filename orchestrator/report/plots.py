@@ -473,6 +473,19 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _end(workers) -> None:
+    """Interrupted: the drawing processes go now, each unwinding (SIGTERM). Waiting for the pool is not
+    enough: an interrupt while it forks leaves workers it never learns of, idle on its queue, and the
+    interpreter's exit would wait on them for ever."""
+    for p in workers:
+        p.terminate()
+    for p in workers:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def _workers(n: int) -> int:
     """Processes to draw n figures in: one per core, where forking is safe (Linux, and no other
     thread, such as a Ray driver's, could hold a lock the copy needs); else none. Drawing is Python
@@ -490,10 +503,14 @@ def draw_all(doc: dict, out: Path, damage_variant: str | None = None) -> list[tu
     if workers < 2:
         names = [fn(*args) for _, fn, args in figs]
     else:
+        before = set(multiprocessing.active_children())
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                    initializer=_die_with_parent, initargs=(os.getpid(),))
         try:
             names = list(pool.map(_draw, [fn for _, fn, _ in figs], [args for _, _, args in figs]))
+        except BaseException:
+            _end(set(multiprocessing.active_children()) - before)
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     return [(title, name) for (title, _, _), name in zip(figs, names) if name]
