@@ -3,6 +3,7 @@ measured effect (held-out text) with intervals, whether it kept its budget and w
 prediction held, against the reference and each global encoding on the same axes."""
 
 from pathlib import Path
+from typing import NamedTuple
 
 from ..files import write_atomic
 from .plots import _save, plt
@@ -23,7 +24,17 @@ def _ci(c: dict | None, fmt: str = "+.4f") -> str:
     return f"{c['mean']:{fmt}} [{c['lo']:{fmt}}, {c['hi']:{fmt}}]"
 
 
-AXIS = {"zero_fraction": "zeros among the main type's values (%)", "bpw": "bits per weight (tensor data)"}
+class Axis(NamedTuple):
+    """What a recipe's x is called: on the figure's axis, as a unit, as what a recipe gains, as a column."""
+    label: str
+    unit: str
+    gain: str
+    column: str
+    scale: float  # from recipe.json's figure to the one shown
+
+
+AXES = {"zero_fraction": Axis("zeros among the main type's values (%)", "zeros", "zeros added", "zeros", 100),
+        "bpw": Axis("bits per weight (tensor data)", "bits", "bits saved", "bits/weight", 1)}
 
 
 def _x(doc: dict, x) -> str:
@@ -33,13 +44,12 @@ def _x(doc: dict, x) -> str:
 
 
 def _plotted(doc: dict, x: float) -> float:
-    return 100 * x if doc["axis"] == "zero_fraction" else x
+    return AXES[doc["axis"]].scale * x
 
 
 def _how(doc: dict) -> str:
     """What the columns mean, for the budget's kind (an effect over the reference's, or a tail percentile)."""
-    gain = "zeros added" if doc["axis"] == "zero_fraction" else "bits saved"
-    unit = "zeros" if doc["axis"] == "zero_fraction" else "bits"
+    gain, unit = AXES[doc["axis"]].gain, AXES[doc["axis"]].unit
     which = "an" if len(doc["scans"]) > 1 else "the"
     if doc["quantity"].startswith("kld_"):
         return (f"Each recipe takes {which} encoding on the groups of most {gain} whose predicted percentile "
@@ -93,12 +103,12 @@ def fig_frontier(doc: dict, out: Path) -> str:
         y = g["measured"]["mean"] if g["measured"] else 0.0
         ax.plot(_plotted(doc, g["x"]), y, "s", color="C3", ms=6)
         ax.annotate(f"{n} (global)", (_plotted(doc, g["x"]), y), fontsize=7, xytext=(4, -10), textcoords="offset points")
-    ax.set_xlabel(AXIS[doc["axis"]])
+    ax.set_xlabel(AXES[doc["axis"]].label)
     ax.set_ylabel(f"{_label(doc)} (held-out text)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(f"Recipes of {_encodings(doc)} on {doc['reference']['name']}: "
-                 f"{'zeros' if doc['axis'] == 'zero_fraction' else 'bits'} against damage (dotted: the budgets)", fontsize=9)
+                 f"{AXES[doc['axis']].unit} against damage (dotted: the budgets)", fontsize=9)
     return _save(fig, out, "frontier")
 
 
@@ -110,7 +120,7 @@ def render(doc: dict, figure: str) -> str:
              f"- Measured on: `{doc['texts']['verify']['file']}` (sha256 `{doc['texts']['verify']['sha256'][:16]}…`), "
              "text the scan did not see; the verifying sweep is in `verify/`", "",
              _how(doc), "",
-             f"| recipe | groups | {'zeros' if doc['axis'] == 'zero_fraction' else 'bits/weight'} | predicted | measured "
+             f"| recipe | groups | {AXES[doc['axis']].column} | predicted | measured "
              "| budget | additive | against the global settings |", "|---|---|---|---|---|---|---|---|"]
     recipes = doc["recipes"]
     for r in recipes:
