@@ -234,7 +234,8 @@ def sweep(exp: Experiment, model: Path | None, text: Path | None, out: Path | No
             logger.info("note: --kld stores the base's logits once (%s) under %s",
                      f"about {size / 1e9:.1f} GB" if size else "size unknown", inp.cache / "scores")
         if execute is run_local:  # (on a cluster, models and logits go to the workers' disks)
-            todo = [v for v in p.exp.variants() if not finished_row(inp, v)]
+            todo = [v for v in fitting.with_imatrix(p.exp.variants(), {}, im, imatrix_types)[0]
+                    if not finished_row(inp, v)]
             need = _disk_need(p, todo, opts.keep_models, inp.base.path.stat().st_size, plan.history(inp.cache))
             plan.refuse_if_too_big(need, inp.cache, force)
         variants, unfit = fitting.with_imatrix(*fitting.with_tables(p.exp, inp, out, im), im, imatrix_types)
@@ -258,13 +259,20 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Opt
     """`sweep --plan`: the variants, which are cached, the disk at the peak against the free space,
     and the time, without running the sweep (at most a one-chunk calibration of the base)."""
     model, text = model_and_text(model, text)
-    p = prepare(exp, model, _parts(text, exp, opts)[0], opts, build.current(opts.backend), make_base=False)
+    text, fit_part, _ = _parts(text, exp, opts)
+    p = prepare(exp, model, text, opts, build.current(opts.backend), make_base=False)
     inp = p.inp
     params = plan.model_params(p.model)
     variants = p.exp.variants()
     fitted_from = None if p.upcast else cached_histogram(inp.fork, inp.base.sha256)
     if fitted_from is not None:  # the tables the sweep will fit (a pure computation): their runs are known
         variants = [v.with_table(fit(v.fit, fitted_from)) if v.fit in FITTED else v for v in variants]
+    im = None
+    if p.exp.imatrix:  # the "-imat" twins too; none is cached while the matrix is still to make
+        im = imatrix.cached(inp.fork, inp.base.sha256, fit_part.path, fit_part.sha256, inp.ctx, p.chunks, inp.cache)
+        need = set() if p.upcast else _check_imatrix(p)
+        variants = fitting.with_imatrix(variants, {}, im or Imatrix(Path(), "", fit_part.path, fit_part.sha256),
+                                        need)[0]
     states = {v.name: "cached" if finished_row(inp, v) else "to run" for v in variants}
     hist = plan.history(inp.cache)
     calibrated, near = None, plan.near_rates(hist, params)
@@ -276,6 +284,9 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Opt
     tokens = p.chunks * inp.ctx
     rows = [(v.name, states[v.name], *plan.estimate(v.qtype, base_bytes / 2 ** 20, tokens, params, hist, calibrated))
             for v in variants]
+    if p.exp.imatrix:  # llama-imatrix: a pass of the base over the fitting part, timed as perplexity
+        rows.insert(0, ("(importance matrix)", "cached" if im else "to make",
+                        0.0, plan.estimate(None, 0, p.chunks * inp.ctx, params, hist, calibrated)[1]))
     if p.upcast:
         rows.insert(0, ("(F16 upcast)", "to make", plan.estimate("F16", base_bytes / 2 ** 20, 0, params, hist, None)[0], 0.0))
     todo = [v for v in variants if states[v.name] != "cached"]

@@ -1,5 +1,6 @@
 """`sweep --plan` and the disk check of a real sweep."""
 
+import json
 import re
 import subprocess
 
@@ -38,6 +39,26 @@ def test_plan_runs_nothing_and_its_estimates_hold(fork, demo_base, tmp_path):
         in again.stdout
     more = orchestrate("sweep", *TINY, "--types", "Q8_0,Q4_0", "--plan", "--out", tmp_path / "out", env=env)
     assert more.returncode == 0 and re.search(r"q4_0\s+to run\s+quantize ~", more.stdout) and re.search(r"q8_0\s+cached", more.stdout)
+
+
+def test_a_plan_with_an_importance_matrix_counts_it_and_the_twins(fork, demo_base, tmp_path):
+    cache = fresh_cache(tmp_path / "cache")
+    env = {"ORCHESTRATE_CACHE": str(cache)}
+    args = ["sweep", *TINY, "--types", "Q8_0,Q4_0", "--imatrix", "--out", tmp_path / "out"]
+    plan = orchestrate(*args, "--plan", env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert "5 variants, 5 to run" in plan.stdout, plan.stdout
+    assert re.search(r"\(importance matrix\)\s+to make\s+perplexity ~", plan.stdout), plan.stdout
+    for name in ("q8_0-imat", "q4_0-imat"):
+        assert re.search(name + r"\s+to run\s+quantize", plan.stdout), plan.stdout
+    assert not (cache / "imatrix").exists() or not list((cache / "imatrix").glob("*.gguf"))
+    run = orchestrate(*args, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ran = {r["name"] for r in json.loads((tmp_path / "out" / "results.json").read_text())["variants"]}
+    assert ran == {"base", "q8_0", "q8_0-imat", "q4_0", "q4_0-imat"}
+    again = orchestrate(*args, "--plan", env=env)
+    assert again.returncode == 0 and "5 variants, 0 to run" in again.stdout, again.stdout
+    assert re.search(r"\(importance matrix\)\s+cached", again.stdout), again.stdout
 
 
 def test_perplexity_rates_come_from_models_of_about_the_same_size():

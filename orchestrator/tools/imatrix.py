@@ -22,13 +22,24 @@ class Imatrix:
     text_sha256: str
 
 
+def _path(fork: Fork, model_sha256: str, text_sha256: str, ctx: int, chunks: int, cache: Path) -> Path:
+    return cache / "imatrix" / f"{model_sha256[:16]}-{text_sha256[:16]}-c{ctx}-n{chunks}-{fork.id}.gguf"
+
+
+def cached(fork: Fork, model_sha256: str, text: Path, text_sha256: str, ctx: int, chunks: int,
+           cache: Path) -> Imatrix | None:
+    """The importance matrix make() would give, if it was made already; else None (for plans)."""
+    path = _path(fork, model_sha256, text_sha256, ctx, chunks, cache)
+    return Imatrix(path, sha256_of(path), Path(text).resolve(), text_sha256) if path.exists() else None
+
+
 def make(fork: Fork, model: Path, model_sha256: str, text: Path, text_sha256: str, ctx: int, chunks: int,
          threads: int, env: dict, cache: Path, say=lambda what: None) -> Imatrix:
     """The importance matrix of model on text (-c ctx, at most `chunks` chunks): from the cache, or made
     now with llama-imatrix (written under a temporary name, moved in place when it succeeded)."""
-    d = cache / "imatrix"
+    path = _path(fork, model_sha256, text_sha256, ctx, chunks, cache)
+    d = path.parent
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{model_sha256[:16]}-{text_sha256[:16]}-c{ctx}-n{chunks}-{fork.id}.gguf"
     with filelock.FileLock(str(path) + ".lock"):
         if not path.exists():
             say(f"importance matrix of {Path(model).name} on {Path(text).name} ({chunks} chunks of {ctx})")
