@@ -282,8 +282,9 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Opt
         calibrated = perplexity.seconds_per_token(inp.fork, inp.base.path, inp.scoring, inp.llama_env) / (params / 1e9)
     base_bytes = p.upcast or inp.base.path.stat().st_size
     tokens = p.chunks * inp.ctx
-    rows = [(v.name, states[v.name], *plan.estimate(v.qtype, base_bytes / 2 ** 20, tokens, params, hist, calibrated))
-            for v in variants]
+    answering = (plan.answering([t.key for t in inp.tasks], params, hist),) if inp.tasks else ()
+    rows = [(v.name, states[v.name], *plan.estimate(v.qtype, base_bytes / 2 ** 20, tokens, params, hist, calibrated),
+             *answering) for v in variants]
     if p.exp.imatrix:  # llama-imatrix: a pass of the base over the fitting part, timed as perplexity
         rows.insert(0, ("(importance matrix)", "cached" if im else "to make",
                         0.0, plan.estimate(None, 0, p.chunks * inp.ctx, params, hist, calibrated)[1]))

@@ -61,6 +61,29 @@ def test_a_plan_with_an_importance_matrix_counts_it_and_the_twins(fork, demo_bas
     assert re.search(r"\(importance matrix\)\s+cached", again.stdout), again.stdout
 
 
+def test_a_plan_with_tasks_times_the_answering_from_earlier_answers(fork, demo_base, tmp_path):
+    cache = fresh_cache(tmp_path / "cache")
+    env = {"ORCHESTRATE_CACHE": str(cache)}
+    orchestrate("task", "make", "--out", "cloze.hs", "--format", "hellaswag", "--questions", "30", cwd=tmp_path,
+                check=True)
+    args = ["sweep", *TINY, "--task", "hellaswag:cloze.hs", "--out", "out"]
+    first = orchestrate(*args, "--plan", env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"q8_0\s+to run\s+quantize \?, perplexity ~\S+, answers \?", first.stdout), first.stdout
+    assert "(plus steps with no estimate: ?)" in first.stdout
+    run = orchestrate(*args, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    took = sorted(json.loads(a.read_text())["seconds"] for a in (cache / "scores").glob("*/answers-*.json"))
+    assert len(took) == 2  # the base's and Q8_0's
+    more = orchestrate("sweep", *TINY, "--types", "Q8_0,Q4_0", "--task", "hellaswag:cloze.hs", "--out", "out",
+                       "--plan", env=env, cwd=tmp_path)
+    m = re.search(r"q4_0\s+to run\s+quantize ~\S+, perplexity ~\S+, answers ~(\d+)m(\d\d)s", more.stdout)
+    assert m, more.stdout
+    assert re.search(r"q8_0\s+cached", more.stdout) and "no estimate" not in more.stdout, more.stdout
+    # the models have one size: the estimate is the median of the two answering times
+    assert abs(60 * int(m.group(1)) + int(m.group(2)) - sum(took) / 2) <= 0.5 + 1e-9, (m.group(0), took)
+
+
 def test_perplexity_rates_come_from_models_of_about_the_same_size():
     from orchestrator.study.plan import History, estimate
     small, big = 135e6, 6.7e9

@@ -13,7 +13,7 @@ rate per parameter changes with size), else from a one-chunk calibration run of 
 import math
 import shutil
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -64,6 +64,7 @@ class History:
     size: dict          # qtype -> [output MiB / input MiB]
     quantize: dict      # qtype -> [input MiB per second]
     perplexity: dict    # model file type as llama names it (Q4_0, F16, ...) -> [(parameters, seconds per token per 1e9)]
+    answers: dict = field(default_factory=dict)  # task file key -> [(parameters, seconds per 1e9)]
 
 
 def history(cache: Path) -> History:
@@ -87,6 +88,9 @@ def history(cache: Path) -> History:
                 ftype = f.model.split(" ", 2)[-1]  # "llama 7B Q4_0" -> "Q4_0"
                 h.perplexity.setdefault(ftype, []).append(
                     (f.n_params, seconds / (f.n_chunk * f.n_ctx * f.n_params / 1e9)))
+                for a in d.glob("answers-*.json"):  # (a task file's key: its content's hash)
+                    h.answers.setdefault(a.stem.removeprefix("answers-"), []).append(
+                        (f.n_params, read_json(a)["seconds"] / (f.n_params / 1e9)))
         except (OSError, ValueError, KeyError, OrchestrateError):
             continue
     return h
@@ -157,17 +161,32 @@ def estimate(qtype: str | None, base_mib: float, tokens: int, params: int, hist:
     return q, (rate * tokens * params / 1e9 if rate else None)
 
 
+def answering(task_keys: list[str], params: int, hist: History) -> float | None:
+    """Seconds to answer every task file, from earlier answers of the same files on models of about
+    this size (else of any size, scaled by parameters: rough); None when a file was never answered."""
+    total = 0.0
+    for key in task_keys:
+        xs = hist.answers.get(key) or []
+        rates = [r for p, r in xs if abs(math.log(p / params)) <= math.log(NEAR)] or [r for _, r in xs]
+        if not rates:
+            return None
+        total += statistics.median(rates) * params / 1e9
+    return total
+
+
 def render(header: str, rows: list[tuple], need: Need, keep_models: bool, where: Path, source: str) -> list[str]:
-    """rows: (variant, state, quantize seconds or None, perplexity seconds or None)."""
+    """rows: (variant, state, quantize seconds or None, perplexity seconds or None[, answering seconds or
+    None, when the study has tasks])."""
     lines = [header]
     total, unknown = 0.0, False
-    for name, state, q, p in rows:
+    for name, state, q, p, *a in rows:
         line = f"  {name:<22} {state:<8}"
         if state != "cached":
-            unknown |= q is None or p is None
-            total += (q or 0) + (p or 0)
+            unknown |= q is None or p is None or None in a
+            total += (q or 0) + (p or 0) + sum(x or 0 for x in a)
             steps = [] if q == 0 else ["quantize " + (f"~{duration(q)}" if q is not None else "?")]
             steps.append("perplexity " + (f"~{duration(p)}" if p is not None else "?"))
+            steps += ["answers " + (f"~{duration(x)}" if x is not None else "?") for x in a]
             line += " " + ", ".join(steps)
         lines.append(line)
     free = free_bytes(where)
