@@ -464,6 +464,8 @@ def recipe(scan_dirs: list[Path], budgets: list[recipe_mod.Budget], out: Path | 
         raise OrchestrateError(f"{held} is the text the scan was made on: a recipe is measured on other text")
     model = model or Path(first.get("model") or first["base"]["path"])
     options = recipe_mod.options(found, "kld" if budgets[0].tail else budgets[0].quantity)
+    if not options:
+        raise OrchestrateError(f"{', '.join(map(str, scan_dirs))}: no scanned group to choose among")
     out = Path(out) if out else paths.plots_dir() / f"recipe-{'-'.join(d.name for d in scan_dirs)}"
     with results.locked(out):
         return out, _recipe(found, scan_dirs, budgets, out, held, held_record, opts, model, options)

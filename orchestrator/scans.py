@@ -4,11 +4,14 @@ the other."""
 
 import csv
 import io
+import math
 from pathlib import Path
 
+from .errors import OrchestrateError
 from .files import read_document, write_atomic, write_json
 
 SCHEMA = "orchestrate.scan/1"
+QUANTITIES = ("kld", "nll")  # each group's effects and per-chunk differences
 FILE = "scan.json"
 CSV = "scan.csv"
 CSV_COLUMNS = ("rank", "group", "layer", "kind", "tensors", "chunks", "verdict", "kld_effect", "kld_lo", "kld_hi",
@@ -54,4 +57,42 @@ def write(out: Path, doc: dict) -> None:
 
 
 def load(directory: Path) -> dict:
-    return read_document(directory, FILE, SCHEMA, "scan")
+    """scan.json, checked to be one whose groups a recipe can add up (one-line errors)."""
+    doc = read_document(directory, FILE, SCHEMA, "scan")
+    wrong = _malformed(doc)
+    if wrong:
+        raise OrchestrateError(f"{Path(directory) / FILE} is damaged: {wrong}")
+    return doc
+
+
+def _number(x, none_ok: bool = False) -> bool:
+    return (x is None and none_ok) or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+
+
+def _malformed(doc: dict) -> str | None:
+    """What is wrong with the parts of a scan document a recipe reads, or None."""
+    for key, kind in (("settings", dict), ("encoding", dict), ("reference", dict), ("base", dict), ("variants", list),
+                      ("groups", list), ("text_sha256", str)):
+        if not isinstance(doc.get(key), kind):
+            return f"`{key}` is not {'an object' if kind is dict else 'a list' if kind is list else 'a string'}"
+    if len(doc["variants"]) != 3 or not all(isinstance(v, dict) and isinstance(v.get("run_dir"), str)
+                                            for v in doc["variants"]):
+        return "`variants` is not the base's, R's and E's rows"
+    if not isinstance(doc["encoding"].get("name"), str) or not isinstance(doc["base"].get("sha256"), str):
+        return "the encoding's name or the base's sha256 is missing"
+    for i, g in enumerate(doc["groups"], 1):
+        if not isinstance(g, dict) or not isinstance(g.get("name"), str):
+            return f"group {i} has no name"
+        tensors, chunks, effects = g.get("tensors"), g.get("chunks"), g.get("effects")
+        if not isinstance(tensors, list) or not tensors or not all(isinstance(t, str) for t in tensors):
+            return f"group {g['name']}: `tensors` is not a list of tensor names"
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 0:
+            return f"group {g['name']}: `chunks` is not a count"
+        for q in QUANTITIES:
+            e = effects.get(q) if isinstance(effects, dict) else None
+            if not isinstance(e, dict) or not _number(e.get("mean")) or not all(_number(e.get(k), True) for k in ("lo", "hi")):
+                return f"group {g['name']}: its {q} effect is not a finite mean with its interval"
+            per = (g.get("per_chunk") or {}).get(q) if isinstance(g.get("per_chunk") or {}, dict) else "?"
+            if per is not None and (not isinstance(per, list) or len(per) != chunks or not all(map(_number, per))):
+                return f"group {g['name']}: its per-chunk {q} differences are not {chunks} finite numbers"
+    return None

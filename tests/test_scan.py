@@ -280,3 +280,58 @@ def test_type_scan_by_kind_on_the_demo(fork, tmp_path):
     _check_figure(out / "scan_heatmap.png")
     res = orchestrate("scan", "--type", "Q8_0", "--out", tmp_path / "y")
     assert res.returncode == 1 and "is the reference itself" in res.stderr
+
+
+def _scan_doc() -> dict:
+    """A small scan document of the shape `orchestrate scan` writes (two groups of 4 chunks)."""
+    from orchestrator import scans
+
+    def group(name, k):
+        return {"name": name, "layer": None, "kind": name, "tensors": [f"blk.0.{name}.weight"], "chunks": 4,
+                "verdict": "all chunks", "seconds": 1.0, "scan_dir": "/x",
+                "effects": {q: {"mean": k, "lo": k / 2, "hi": 2 * k} for q in scans.QUANTITIES},
+                "per_chunk": {q: [k] * 4 for q in scans.QUANTITIES}}
+    rows = [{"name": n, "run_dir": f"/runs/{n}"} for n in ("base", "q4_0", "q4_0-r1")]
+    return {"schema": scans.SCHEMA, "settings": {"by": "kind"}, "encoding": {"name": "q4_0-r1"},
+            "reference": {"name": "q4_0", "type": "Q4_0"}, "base": {"path": "/m.gguf", "sha256": "ab"},
+            "text": "/t.txt", "text_sha256": "cd", "fork": "f", "variants": rows,
+            "groups": [group("attn_q", 0.01), group("ffn_up", 0.02)]}
+
+
+def _set(path, value):
+    def change(doc):
+        *keys, last = path
+        for k in keys:
+            doc = doc[k]
+        doc[last] = value
+    return change
+
+
+@pytest.mark.parametrize("change, says", [
+    (_set(["groups"], {"a": 1}), "`groups` is not a list"),
+    (_set(["variants"], []), "`variants` is not the base's, R's and E's rows"),
+    (_set(["groups", 0, "tensors"], "blk.0.attn_q.weight"), "group attn_q: `tensors` is not a list of tensor names"),
+    (_set(["groups", 1, "chunks"], True), "group ffn_up: `chunks` is not a count"),
+    (_set(["groups", 0, "effects"], {"kld": {"lo": 1}}), "group attn_q: its kld effect is not a finite mean"),
+    (_set(["groups", 0, "effects", "nll", "mean"], float("nan")), "group attn_q: its nll effect is not a finite mean"),
+    (_set(["groups", 1, "per_chunk", "kld"], [0.1, 0.2]), "group ffn_up: its per-chunk kld differences are not 4 finite"),
+    (_set(["groups", 1, "per_chunk", "nll"], [0.1, 0.2, float("inf"), 0.3]), "its per-chunk nll differences are not 4"),
+    (_set(["groups", 0], ["attn_q"]), "group 1 has no name"),
+])
+def test_a_damaged_scan_document_is_refused_in_one_line(tmp_path, change, says):
+    from orchestrator import scans
+    good = _scan_doc()
+    (tmp_path / "good").mkdir()
+    scans.write(tmp_path / "good", good)
+    assert scans.load(tmp_path / "good")["groups"] == good["groups"]
+    bad = _scan_doc()
+    change(bad)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / scans.FILE).write_text(json.dumps(bad))  # (NaN and Infinity as Python's json writes them)
+    before = (tmp_path / "bad" / scans.FILE).read_bytes()
+    with pytest.raises(OrchestrateError, match="damaged") as e:
+        scans.load(tmp_path / "bad")
+    assert says in str(e.value) and "\n" not in str(e.value)
+    res = orchestrate("recipe", tmp_path / "bad", "--budget", "kld=0.05", "--out", tmp_path / "rec")
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and says in res.stderr, res.stderr
+    assert (tmp_path / "bad" / scans.FILE).read_bytes() == before and not (tmp_path / "rec").exists()
