@@ -457,26 +457,47 @@ def _draw(fn, args):
         os._exit(1)     # (returning would wait on a queue nobody writes to any more)
 
 
+STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+_started = [False]  # (in a drawing process) its initializer has run
+
+
 def _parent_gone(*_):
-    # SIGALRM (default action: end the process) in case the exit below is swallowed on its way: the
-    # pool's worker loop catches everything raised while it sends a result back, then waits for work
-    signal.alarm(2)
+    if not _started[0]:  # still starting: nothing to unwind (and an exception here would be logged)
+        os._exit(1)
+    # SIGALRM (default action: end the process) in case the exit below is lost on its way: the pool's
+    # worker loop catches everything raised while it sends a result back, then waits for work
+    if not signal.getitimer(signal.ITIMER_REAL)[0]:
+        signal.alarm(2)
     raise SystemExit(1)
+
+
+def _exit_again(u) -> None:
+    """An exit that a callback swallowed (a weakref's, a __del__): raised again a moment later (SIGPROF,
+    after 1 ms of drawing), outside it, and not printed."""
+    if isinstance(u.exc_value, SystemExit):
+        signal.setitimer(signal.ITIMER_PROF, 0.001)
+    else:
+        sys.__unraisablehook__(u)
 
 
 def _die_with_parent(parent: int) -> None:
     """A drawing process goes when the one that started it does (a killed sweep leaves none
-    behind): the kernel sends it SIGTERM, which unwinds it."""
+    behind): the kernel sends it SIGTERM, which unwinds it. Ctrl-C reaches the whole process group:
+    the parent, interrupted, ends its drawing processes itself (SIGTERM)."""
     signal.signal(signal.SIGTERM, _parent_gone)
+    signal.signal(signal.SIGHUP, _parent_gone)
+    signal.signal(signal.SIGPROF, _parent_gone)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.unraisablehook = _exit_again
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it went before the line above
         os._exit(1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # (held back by draw_all while the pool started)
+    _started[0] = True
 
 
 def _end(workers) -> None:
-    """Interrupted: the drawing processes go now, each unwinding (SIGTERM). Waiting for the pool is not
-    enough: an interrupt while it forks leaves workers it never learns of, idle on its queue, and the
-    interpreter's exit would wait on them for ever."""
+    """Interrupted: the drawing processes go now, each unwinding (SIGTERM), not after their figures."""
     for p in workers:
         p.terminate()
     for p in workers:
@@ -504,11 +525,20 @@ def draw_all(doc: dict, out: Path, damage_variant: str | None = None) -> list[tu
         names = [fn(*args) for _, fn, args in figs]
     else:
         before = set(multiprocessing.active_children())
+        # Interrupts are held back while the workers are forked and given their figures: one in the
+        # middle of that left the pool half made (a worker it never learnt of, which the interpreter's
+        # exit then waited on for ever). They come when released, or to the workers once started.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                    initializer=_die_with_parent, initargs=(os.getpid(),))
-        try:
-            names = list(pool.map(_draw, [fn for _, fn, _ in figs], [args for _, _, args in figs]))
-        except BaseException:
+        try:  # (not pool.map: its futures, cancelled when it is interrupted, break Python 3.11's pool as
+            # it ends the workers killed below: a traceback from its thread)
+            try:
+                futures = [pool.submit(_draw, fn, args) for _, fn, args in figs]
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            names = [f.result() for f in futures]
+        except (KeyboardInterrupt, SystemExit):
             _end(set(multiprocessing.active_children()) - before)
             raise
         finally:
