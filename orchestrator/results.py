@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,7 +161,38 @@ def load(directory: Path) -> dict:
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         got = doc.get("schema") if isinstance(doc, dict) else None
         raise OrchestrateError(f"{path} is not a sweep results file (schema {got!r})")
+    wrong = _malformed(doc)
+    if wrong:
+        raise OrchestrateError(f"{path} is damaged: {wrong}")
     return doc
+
+
+def _fits(value, hint) -> bool:
+    """value is of the annotated type (X | None; an int is a float; a bool is neither)."""
+    kinds = tuple(float if k is float else k for k in (typing.get_args(hint) or (hint,)))
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds) or (float in kinds and isinstance(value, int))
+
+
+def _malformed(doc: dict) -> str | None:
+    """What is wrong with the parts of a results document the report and `compare` read, or None."""
+    if not isinstance(doc.get("variants"), list):
+        return "`variants` is not a list"
+    for key, kind in (("perplexity", dict), ("fork", dict), ("description", str)):
+        if not isinstance(doc.get(key), kind):
+            return f"`{key}` is missing or of the wrong kind"
+    for key in ("paired", "tails", "tasks", "measurement", "texts"):
+        if not isinstance(doc.get(key) or {}, dict):
+            return f"`{key}` is not an object"
+    hints = typing.get_type_hints(Row)
+    for i, r in enumerate(doc["variants"], 1):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("name", "kind", "status")):
+            return f"variant {i} has no name, kind or status"
+        bad = next((k for k, v in r.items() if k in hints and not _fits(v, hints[k])), None)
+        if bad:
+            return f"variant {r['name']}: `{bad}` is {type(r[bad]).__name__}, not {hints[bad]}"
+    return None
 
 
 @contextlib.contextmanager

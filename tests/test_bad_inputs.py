@@ -281,11 +281,13 @@ def test_the_error_handler_cannot_fail(read_only, tmp_path):
     """An unexpected error whose cache (the usual place for its trace) is read-only, and an error message
     that no encoding can print as it is: still one line each, and exit 1."""
     import json
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "results.json").write_text(json.dumps({"schema": "orchestrate.sweep/1", "variants": 7}))
     env = {"ORCHESTRATE_CACHE": str(read_only / "cache"), "TMPDIR": str(read_only), "HOME": str(read_only)}
-    res = orchestrate("plot", broken, env=env)
+    # a bug, planted: every input is checked, so no input of ours is known to reach one
+    bug = ("import sys; from orchestrator import results; from orchestrator.cli import main\n"
+           "def load(directory): raise TypeError('a planted bug')\n"
+           "results.load = load; main(sys.argv[1:])")
+    res = subprocess.run([sys.executable, "-c", bug, "plot", str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, **env})
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 1 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert lines[0].startswith("error: internal error: TypeError")
@@ -295,8 +297,9 @@ def test_the_error_handler_cannot_fail(read_only, tmp_path):
     # a variant named by a lone surrogate (valid JSON, not encodable as UTF-8)
     odd = tmp_path / "odd"
     odd.mkdir()
-    (odd / "results.json").write_text(json.dumps({"schema": "orchestrate.sweep/1", "variants": [
-        {"name": "\ud800", "status": "ok"}, {"name": "b", "status": "ok"}]}))
+    (odd / "results.json").write_text(json.dumps({"schema": "orchestrate.sweep/1", "perplexity": {}, "fork": {},
+                                                  "description": "", "variants": [
+        {"name": "\ud800", "kind": "stock", "status": "ok"}, {"name": "b", "kind": "stock", "status": "ok"}]}))
     res = subprocess.run([sys.executable, "-m", "orchestrator", "compare", str(odd), "\udcff", "b"],
                          capture_output=True, env={**os.environ, **env})
     lines = res.stderr.strip().splitlines()

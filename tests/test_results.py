@@ -45,3 +45,44 @@ def test_csv_columns_are_the_documented_ones_in_order():
     assert CSV_COLUMNS[:9] == ["name", "kind", "type", "mode", "radius", "table", "status", "ppl", "ppl_err"]
     assert CSV_COLUMNS[-4:] == ["tensor_key", "reason", "log", "run_dir"] and len(CSV_COLUMNS) == 38
     assert not {"commands", "ppl_chunks", "ran_on", "hist", "damage"} & set(CSV_COLUMNS)
+
+
+def _doc(tmp_path, **changes):
+    import json
+    from orchestrator.results import FILE, SCHEMA
+    doc = {"schema": SCHEMA, "description": "d", "perplexity": {"ctx": 128}, "fork": {"id": "f"},
+           "variants": [{**LANDED, "name": "base", "kind": "base", "radius": None}, dict(LANDED)], **changes}
+    tmp_path.mkdir()
+    (tmp_path / FILE).write_text(json.dumps(doc))
+    return tmp_path
+
+
+def _row(**changes):
+    return [{**LANDED, "name": "base", "kind": "base"}, {**LANDED, **changes}]
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"variants": {"base": 1}}, "`variants` is not a list"),
+    ({"paired": [1, 2]}, "`paired` is not an object"),
+    ({"tails": "x"}, "`tails` is not an object"),
+    ({"fork": "f"}, "`fork` is missing or of the wrong kind"),
+    ({"variants": _row(name=None)}, "variant 2 has no name, kind or status"),
+    ({"variants": _row(ppl="40.5")}, "variant q4_0-r1: `ppl` is str"),
+    ({"variants": _row(ppl=True)}, "variant q4_0-r1: `ppl` is bool"),
+    ({"variants": _row(radius=1.5)}, "variant q4_0-r1: `radius` is float"),
+    ({"variants": _row(tensor_types=[1])}, "variant q4_0-r1: `tensor_types` is list"),
+])
+def test_a_damaged_results_document_is_refused_in_one_line(tmp_path, changes, says):
+    from conftest import orchestrate
+    from orchestrator import results
+    good = results.load(_doc(tmp_path / "good"))
+    assert good["variants"][1]["ppl"] == 40.5  # (an int where a float is due is a float: radius 1, bytes)
+    bad = _doc(tmp_path / "bad", **changes)
+    before = (bad / results.FILE).read_bytes()
+    with pytest.raises(OrchestrateError, match="damaged") as e:
+        results.load(bad)
+    assert says in str(e.value) and "\n" not in str(e.value)
+    for args in (["plot", bad], ["compare", bad, "base", "q4_0-r1"]):
+        res = orchestrate(*args)
+        assert res.returncode == 1 and res.stderr.count("\n") == 1 and says in res.stderr, res.stderr
+    assert (bad / results.FILE).read_bytes() == before
