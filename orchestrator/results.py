@@ -179,9 +179,11 @@ def _malformed(doc: dict) -> str | None:
     """What is wrong with the parts of a results document the report and `compare` read, or None."""
     if not isinstance(doc.get("variants"), list):
         return "`variants` is not a list"
-    for key, kind in (("perplexity", dict), ("fork", dict), ("description", str)):
-        if not isinstance(doc.get(key), kind):
-            return f"`{key}` is missing or of the wrong kind"
+    for key in ("perplexity", "fork"):
+        if not isinstance(doc.get(key), dict):
+            return f"`{key}` is missing or not an object"
+    if not isinstance(doc.get("description") or "", str):
+        return "`description` is not a string"
     for key in ("paired", "tails", "tasks", "measurement", "texts"):
         if not isinstance(doc.get(key) or {}, dict):
             return f"`{key}` is not an object"

@@ -140,13 +140,27 @@ def _files(d: Path, names) -> dict[str, bytes]:
     return {n: (d / n).read_bytes() for n in names if (d / n).exists()}
 
 
+def _on_worker(work) -> dict:
+    """work() on this node: {ok, value} or {ok: False, reason (one line), log_text (the failed tool's
+    log, or a bug's trace)}; never raises for the work's own failure."""
+    node = _node()
+    try:
+        return {"ok": True, "value": work(), "node": node}
+    except OrchestrateError as e:
+        log = getattr(e, "log", None)
+        return {"ok": False, "reason": f"on node {node}: {e}", "node": node,
+                "log_text": read_text(log) if log and Path(log).is_file() else None}
+    except Exception as e:  # a bug costs this piece of work, with its trace, not the whole run
+        return {"ok": False, "reason": f"on node {node}: internal error: {type(e).__name__}: {e}", "node": node,
+                "log_text": "".join(traceback.format_exception(e))}
+
+
 def run_task(inp: Inputs, v: Variant, keep_models: bool, kld_tensors: str | None, board) -> dict:
-    """One variant on a worker; returns its row, timings and small artifacts (never raises for a
-    variant's own failure: that comes back as a reason)."""
-    node, start = _node(), time.time()
+    """One variant on a worker; returns its row, timings and small artifacts (as _on_worker says)."""
+    start = time.time()
     # waited for: a message still queued in this worker is lost if it is killed, and the driver would
     # count one attempt fewer than were made
-    import_ray().get(board.started.remote(v.name, node, start))
+    import_ray().get(board.started.remote(v.name, _node(), start))
     marks, posted = {}, 0.0
 
     def step(var, what, detail=False):
@@ -157,8 +171,8 @@ def run_task(inp: Inputs, v: Variant, keep_models: bool, kld_tensors: str | None
             marks.setdefault(what, time.time())
         posted = time.time()
         board.step.remote(var.name, what)
-    out = {"node": node, "start": start}
-    try:
+
+    def work():
         winp = worker_inputs(inp, [v])
         kld_base = None
         if inp.kld and v.kind != "base":  # this node's own copy of the base's logits, made once
@@ -167,17 +181,12 @@ def run_task(inp: Inputs, v: Variant, keep_models: bool, kld_tensors: str | None
             runner.scored(winp, base_v, winp.base.path, sdir, None, step)
             kld_base = runner.KldBase(kld_tensors, sdir.logits)
         row = runner.run_variant(winp, v, keep_models, kld_base, step)
-        out.update(ok=True, row=row, run_files=_files(Path(row.run_dir), RunDir.SMALL),
-                   score_files=_files(Path(row.score_dir), ScoreDir(Path(row.score_dir)).small(winp.tasks)))
-    except OrchestrateError as e:
-        log = getattr(e, "log", None)
-        out.update(ok=False, reason=f"on node {node}: {e}",
-                   log_text=read_text(log) if log and Path(log).is_file() else None)
-    except Exception as e:  # a bug costs this variant, with its trace, not the sweep
-        out.update(ok=False, reason=f"on node {node}: internal error: {type(e).__name__}: {e}",
-                   log_text="".join(traceback.format_exception(e)))
+        return {"row": row, "run_files": _files(Path(row.run_dir), RunDir.SMALL),
+                "score_files": _files(Path(row.score_dir), ScoreDir(Path(row.score_dir)).small(winp.tasks))}
+    out = _on_worker(work)
+    out.update(out.pop("value", None) or {})
     tools = [marks[k] for k in ("quantize", "perplexity") if k in marks]
-    out.update(end=time.time(), first_tool=min(tools) if tools else None)
+    out.update(start=start, end=time.time(), first_tool=min(tools) if tools else None)
     return out
 
 
@@ -208,12 +217,7 @@ def land(inp: Inputs, v: Variant, res: dict, kld_tensors: str | None, attempts: 
     """Write what a task brought back into the driver's run and score directories, result.json last."""
     run = run_dir(inp, v)
     if not res["ok"]:
-        log = None
-        if res.get("log_text"):
-            run.path.mkdir(parents=True, exist_ok=True)
-            log = run.error_log
-            write_atomic(log, res["log_text"])
-        return runner.failed_row(v, res["reason"], log)
+        return runner.failed_row(v, res["reason"], _log(res, run.error_log))
     row = res["row"]
     sdir = score_dir(inp, row.tensor_key, kld_tensors if inp.kld and v.kind != "base" else None)
     for d, files in ((run.path, res["run_files"]), (sdir.path, res["score_files"])):
@@ -286,18 +290,6 @@ def run(variants: list[Variant], inp: Inputs, keep_models: bool, display, unfit:
 
 # ---- a scan's groups ------------------------------------------------------------------------
 
-def _on_worker(work) -> dict:
-    """work() on this node: {ok, value} or {ok: False, reason (one line), log_text (a bug's trace)}."""
-    node = _node()
-    try:
-        return {"ok": True, "value": work(), "node": node}
-    except OrchestrateError as e:
-        return {"ok": False, "reason": f"on node {node}: {e}", "log_text": None}
-    except Exception as e:  # a bug: one line here, its trace in the log
-        return {"ok": False, "reason": f"on node {node}: internal error: {type(e).__name__}: {e}",
-                "log_text": "".join(traceback.format_exception(e))}
-
-
 def _changed(inp: Inputs, variants: list[Variant]) -> dict:
     """On a worker: the tensors E changes in R (from their models, made in its cache if need be)."""
     def work():
@@ -333,12 +325,18 @@ def scan_task(inp: Inputs, variants: list[Variant], keys: tuple[str, str, str], 
     return _on_worker(work)
 
 
+def _log(res: dict, log: Path) -> Path | None:
+    """A failed task's log, written on the driver; None if it brought none back."""
+    if not res.get("log_text"):
+        return None
+    log.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(log, res["log_text"])
+    return log
+
+
 def _failed(res: dict, what: str, log: Path) -> OrchestrateError:
-    if res.get("log_text"):
-        log.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(log, res["log_text"])
-        return OrchestrateError(f"{what}: {res['reason']} (log: {log})")
-    return OrchestrateError(f"{what}: {res['reason']}")
+    log = _log(res, log)
+    return OrchestrateError(f"{what}: {res['reason']}" + (f" (log: {log})" if log else ""))
 
 
 def changed_tensors(inp: Inputs, variants: list[Variant], address: str | None) -> list[str]:
