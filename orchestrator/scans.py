@@ -88,11 +88,13 @@ def _malformed(doc: dict) -> str | None:
             return f"group {g['name']}: `tensors` is not a list of tensor names"
         if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 0:
             return f"group {g['name']}: `chunks` is not a count"
+        per_chunk = g.get("per_chunk") or {}  # (absent from older scans)
+        if not isinstance(effects, dict) or not isinstance(per_chunk, dict):
+            return f"group {g['name']}: `effects` or `per_chunk` is not an object"
         for q in QUANTITIES:
-            e = effects.get(q) if isinstance(effects, dict) else None
+            e, per = effects.get(q), per_chunk.get(q)
             if not isinstance(e, dict) or not _number(e.get("mean")) or not all(_number(e.get(k), True) for k in ("lo", "hi")):
                 return f"group {g['name']}: its {q} effect is not a finite mean with its interval"
-            per = (g.get("per_chunk") or {}).get(q) if isinstance(g.get("per_chunk") or {}, dict) else "?"
             if per is not None and (not isinstance(per, list) or len(per) != chunks or not all(map(_number, per))):
                 return f"group {g['name']}: its per-chunk {q} differences are not {chunks} finite numbers"
     return None
