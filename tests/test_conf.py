@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from orchestrator.hooks import conf
 
@@ -139,3 +140,25 @@ def test_conf_check_cli(tmp_path):
     res = orchestrate("conf", "check", good, bad)
     assert res.returncode == 1
     assert res.stderr.strip() == f"error: pablo config error: {bad}:2: Q4_0_RADIUS must be an integer 0..7, got '8'"
+
+
+def _glob_by_regex(pattern: str, name: str) -> bool:
+    """What a TENSOR pattern means, the slow way (exponential on many `*`: small inputs only)."""
+    import re
+    rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(rx.encode(), name.encode(), re.DOTALL) is not None
+
+
+@settings(max_examples=3000, deadline=None)
+@given(pattern=st.text("ab.*?", max_size=8), name=st.text("ab.", max_size=10))
+def test_tensor_patterns_match_as_globs(pattern, name):
+    assert conf.glob_match(pattern, name) == _glob_by_regex(pattern, name)
+
+
+@pytest.mark.timeout(60)
+def test_a_pattern_of_many_stars_is_matched_at_once():
+    """A hostile pattern (a regular expression backtracks through 120 stars for ever) against a real name."""
+    pattern = "*a" * 120 + "*b"
+    assert len(pattern) <= conf.PATTERN_MAX
+    assert not conf.glob_match(pattern, "blk.0." + "a" * 60 + ".weight")
+    assert conf.glob_match(pattern[:-2] + "*", "a" * 120)

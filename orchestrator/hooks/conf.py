@@ -164,9 +164,25 @@ def load_table(path: Path | bytes, name: str | None = None) -> Table:
 
 
 def glob_match(pattern: str, name: str) -> bool:
-    """The C reader's whole-name match: `*` any run of characters (also none), `?` one, the rest itself."""
-    rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(rx, name, re.DOTALL) is not None
+    """The C reader's whole-name match, by its algorithm: `*` any run of bytes (also none), `?` one
+    byte, the rest itself; on a mismatch, back to the last `*` only. Time grows with the pattern's
+    length times the name's (a regular expression takes exponential time on a pattern of many `*`)."""
+    pat, s = pattern.encode("ascii"), name.encode("utf-8", "surrogateescape")
+    i = j = 0
+    star = back = -1
+    while j < len(s):
+        if i < len(pat) and (pat[i] == ord("?") or (pat[i] != ord("*") and pat[i] == s[j])):
+            i, j = i + 1, j + 1
+        elif i < len(pat) and pat[i] == ord("*"):
+            star, back, i = i, j, i + 1
+        elif star >= 0:
+            back += 1
+            i, j = star + 1, back
+        else:
+            return False
+    while i < len(pat) and pat[i] == ord("*"):
+        i += 1
+    return i == len(pat)
 
 
 @dataclass(frozen=True)
