@@ -169,7 +169,7 @@ def load(directory: Path) -> dict:
 
 def _fits(value, hint) -> bool:
     """value is of the annotated type (X | None; an int is a float; a bool is neither)."""
-    kinds = tuple(float if k is float else k for k in (typing.get_args(hint) or (hint,)))
+    kinds = typing.get_args(hint) or (hint,)
     if isinstance(value, bool):
         return bool in kinds
     return isinstance(value, kinds) or (float in kinds and isinstance(value, int))
