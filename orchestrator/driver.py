@@ -287,7 +287,7 @@ def plan_sweep(exp: Experiment, model: Path | None, text: Path | None, opts: Opt
              *answering) for v in variants]
     if p.exp.imatrix:  # llama-imatrix: a pass of the base over the fitting part, timed as perplexity
         rows.insert(0, ("(importance matrix)", "cached" if im else "to make",
-                        0.0, plan.estimate(None, 0, p.chunks * inp.ctx, params, hist, calibrated)[1]))
+                        0.0, plan.estimate(None, 0, tokens, params, hist, calibrated)[1]))
     if p.upcast:
         rows.insert(0, ("(F16 upcast)", "to make", plan.estimate("F16", base_bytes / 2 ** 20, 0, params, hist, None)[0], 0.0))
     todo = [v for v in variants if states[v.name] != "cached"]

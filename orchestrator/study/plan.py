@@ -88,9 +88,8 @@ def history(cache: Path) -> History:
                 ftype = f.model.split(" ", 2)[-1]  # "llama 7B Q4_0" -> "Q4_0"
                 h.perplexity.setdefault(ftype, []).append(
                     (f.n_params, seconds / (f.n_chunk * f.n_ctx * f.n_params / 1e9)))
-                for a in d.glob("answers-*.json"):  # (a task file's key: its content's hash)
-                    h.answers.setdefault(a.stem.removeprefix("answers-"), []).append(
-                        (f.n_params, read_json(a)["seconds"] / (f.n_params / 1e9)))
+                for key, a in sdir.all_answers().items():
+                    h.answers.setdefault(key, []).append((f.n_params, read_json(a)["seconds"] / (f.n_params / 1e9)))
         except (OSError, ValueError, KeyError, OrchestrateError):
             continue
     return h
@@ -126,9 +125,14 @@ def duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _near(xs: list[tuple[int, float]], params: int) -> list[float]:
+    """The rates of (parameters, rate) pairs measured on models within NEAR of params in size."""
+    return [r for p, r in xs if abs(math.log(p / params)) <= math.log(NEAR)]
+
+
 def near_rates(hist: History, params: int) -> dict[str, list[float]]:
     """Perplexity rates (per file type) of the earlier runs on models within NEAR of params in size."""
-    near = {t: [r for p, r in xs if abs(math.log(p / params)) <= math.log(NEAR)] for t, xs in hist.perplexity.items()}
+    near = {t: _near(xs, params) for t, xs in hist.perplexity.items()}
     return {t: rs for t, rs in near.items() if rs}
 
 
@@ -167,7 +171,7 @@ def answering(task_keys: list[str], params: int, hist: History) -> float | None:
     total = 0.0
     for key in task_keys:
         xs = hist.answers.get(key) or []
-        rates = [r for p, r in xs if abs(math.log(p / params)) <= math.log(NEAR)] or [r for _, r in xs]
+        rates = _near(xs, params) or [r for _, r in xs]
         if not rates:
             return None
         total += statistics.median(rates) * params / 1e9

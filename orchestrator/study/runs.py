@@ -70,6 +70,10 @@ class ScoreDir:
         """The model's answers to a task (tools.perplexity.answer's record); written last."""
         return self.path / f"answers-{task.key}.json"
 
+    def all_answers(self) -> dict[str, Path]:
+        """Every task's answers here, by the task file's key (whichever study asked for them)."""
+        return {f.stem.removeprefix("answers-"): f for f in self.path.glob("answers-*.json")}
+
     def answers_log(self, task: TaskFile) -> Path:
         return self.path / f"answers-{task.key}.log"
 
